@@ -1,0 +1,116 @@
+/* blockwise8.c -- 8-bit blockwise quantization against a sorted 256-entry map (the dynamic map used
+ * for double-quantized absmax, and for 8-bit optimizer states). Nearest entry by float32 midpoints,
+ * exact midpoint ties to the even index, NaN -> 0: bitsandbytes' CUDA rule (FORMAT.md 2.3).
+ * Scalar only: its inputs are 1/blocksize of a weight. Tested against reference.codes_nearest_even. */
+#include <stdlib.h>
+
+#include "internal.h"
+
+typedef struct {
+    const float *x;
+    int64_t n, blocksize;
+    const float *code;
+    float mids[255];
+    uint8_t *codes;
+    float *absmax;
+    const uint8_t *codes_in;
+    const float *absmax_in;
+    float offset;
+    float *out;
+    int64_t bad_block[QCKPT_MAX_THREADS];
+} b8_job;
+
+static inline uint8_t nearest_even(const float *mids, float xn) {
+    /* lower bound: number of midpoints strictly below xn (7+1 halvings over 255 entries) */
+    int lo = 0, hi = 255;
+    while (lo < hi) {
+        int mid = (lo + hi) >> 1;
+        if (mids[mid] < xn) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo < 255 && mids[lo] == xn && (lo & 1)) lo++; /* exactly between lo and lo+1: take the even one */
+    return (uint8_t)lo; /* NaN: every compare false -> 0 */
+}
+
+static void quantize_range(void *ctx, int64_t b0, int64_t b1, int32_t worker) {
+    b8_job *job = (b8_job *)ctx;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t start = b * job->blocksize, end = start + job->blocksize < job->n ? start + job->blocksize : job->n;
+        uint32_t max_bits = 0;
+        for (int64_t i = start; i < end; i++) {
+            uint32_t bits = qk_f32_to_bits(job->x[i]) & 0x7FFFFFFFu;
+            max_bits = bits > max_bits ? bits : max_bits;
+        }
+        if (max_bits >= 0x7F800000u) {
+            job->bad_block[worker] = b;
+            return;
+        }
+        float amax = qk_bits_to_f32(max_bits);
+        job->absmax[b] = amax;
+        float r = 1.0f / amax;
+        for (int64_t i = start; i < end; i++) job->codes[i] = nearest_even(job->mids, job->x[i] * r);
+    }
+}
+
+static void dequantize_range(void *ctx, int64_t b0, int64_t b1, int32_t worker) {
+    (void)worker;
+    b8_job *job = (b8_job *)ctx;
+    for (int64_t b = b0; b < b1; b++) {
+        int64_t start = b * job->blocksize, end = start + job->blocksize < job->n ? start + job->blocksize : job->n;
+        float amax = job->absmax_in[b];
+        for (int64_t i = start; i < end; i++) {
+            float scaled = job->code[job->codes_in[i]] * amax; /* two roundings: no FMA (-ffp-contract=off) */
+            job->out[i] = scaled + job->offset;
+        }
+    }
+}
+
+static qckpt_status check(int64_t n, int64_t blocksize, const void *a, const void *b, const void *c, const void *d) {
+    if (!a || !b || !c || !d) return qckpt_fail(QCKPT_E_INVALID, "NULL data pointer");
+    if (n <= 0) return qckpt_fail(QCKPT_E_INVALID, "element count must be positive, got %lld", (long long)n);
+    if (blocksize < 1) return qckpt_fail(QCKPT_E_INVALID, "blocksize must be positive, got %lld", (long long)blocksize);
+    return QCKPT_OK;
+}
+
+qckpt_status qckpt_quantize_blockwise8(const float *x, int64_t n, int64_t blocksize, const float *code,
+                                       uint8_t *codes, float *absmax, const qckpt_exec *exec) {
+    int32_t threads, isa;
+    qckpt_status st = qckpt_resolve_exec(exec, &threads, &isa);
+    if (st != QCKPT_OK) return st;
+    if ((st = check(n, blocksize, x, code, codes, absmax)) != QCKPT_OK) return st;
+    b8_job *job = (b8_job *)malloc(sizeof *job);
+    if (!job) return qckpt_fail(QCKPT_E_NOMEM, "out of memory");
+    job->x = x, job->n = n, job->blocksize = blocksize, job->code = code, job->codes = codes, job->absmax = absmax;
+    for (int i = 0; i < 255; i++) {
+        if (!(code[i] < code[i + 1])) {
+            free(job);
+            return qckpt_fail(QCKPT_E_INVALID, "code map is not strictly increasing at index %d", i);
+        }
+        job->mids[i] = (code[i] + code[i + 1]) * 0.5f;
+    }
+    for (int i = 0; i < QCKPT_MAX_THREADS; i++) job->bad_block[i] = -1;
+    st = qckpt_parallel_for(qk_ceil_div(n, blocksize), qk_ceil_div(65536, blocksize), threads, quantize_range, job);
+    for (int w = 0; st == QCKPT_OK && w < QCKPT_MAX_THREADS; w++) {
+        if (job->bad_block[w] < 0) continue;
+        for (int64_t i = job->bad_block[w] * blocksize; i < n; i++) {
+            if (x[i] != x[i] || x[i] - x[i] != 0.0f) {
+                st = qckpt_fail(QCKPT_E_NONFINITE, "%s at flat index %lld", x[i] != x[i] ? "NaN" : "inf", (long long)i);
+                break;
+            }
+        }
+        break;
+    }
+    free(job);
+    return st;
+}
+
+qckpt_status qckpt_dequantize_blockwise8(const uint8_t *codes, const float *absmax, int64_t n, int64_t blocksize,
+                                         const float *code, float offset, float *out, const qckpt_exec *exec) {
+    int32_t threads, isa;
+    qckpt_status st = qckpt_resolve_exec(exec, &threads, &isa);
+    if (st != QCKPT_OK) return st;
+    if ((st = check(n, blocksize, codes, absmax, code, out)) != QCKPT_OK) return st;
+    b8_job job = {.n = n, .blocksize = blocksize, .code = code, .codes_in = codes, .absmax_in = absmax,
+                  .offset = offset, .out = out};
+    return qckpt_parallel_for(qk_ceil_div(n, blocksize), qk_ceil_div(65536, blocksize), threads, dequantize_range, &job);
+}
