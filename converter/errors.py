@@ -43,3 +43,7 @@ class DiskFullError(QckptError, OSError):
 
 class ModelLoadError(QckptError, ValueError):
     """A quantized checkpoint does not match the model the config describes."""
+
+
+class OptimizerError(QckptError, ValueError):
+    """An 8-bit optimizer setting, parameter or loaded optimizer state is unusable (converter.optim)."""

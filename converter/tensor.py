@@ -76,7 +76,7 @@ class QuantizedTensor:
         return self.absmax
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this weight serializes to (excluding the small JSON blob)."""
+        """Bytes of every tensor this weight serializes to, the quant-state JSON blob included."""
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def dequantize(self, dtype: torch.dtype | None = None, *, threads: int | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from .._version import __version__
 from .errors import run_guarded
 
 # Each command lives in its own module exposing `command`; imported when the group is built.
-_COMMAND_MODULES = ("quantize_demo",)
+_COMMAND_MODULES = ("quantize_demo", "convert", "inspect_cmd", "verify", "push")
 
 
 class QckptGroup(click.Group):

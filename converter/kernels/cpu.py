@@ -76,9 +76,16 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return _DTYPES[dtype]
 
 
+def _check_blocksize(blocksize) -> None:
+    # Python sizes the outputs from blocksize before C can refuse it; C checks the allowed set.
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize <= 0:
+        raise QuantizationInputError(f"blocksize must be a positive integer, got {blocksize!r}")
+
+
 def quantize_4bit(x: torch.Tensor, quant_type: QuantType, blocksize: int, *, threads=None, isa=None, name=""):
     """x (any shape) -> (packed uint8 ((n+1)//2, 1), absmax float32 (nb,))."""
     _, lib = load()
+    _check_blocksize(blocksize)
     x = _cpu_contiguous(x)
     n = x.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
@@ -91,8 +98,12 @@ def quantize_4bit(x: torch.Tensor, quant_type: QuantType, blocksize: int, *, thr
     return packed, absmax
 
 
-def dequantize_4bit(packed, absmax, quant_type: QuantType, blocksize: int, shape, dtype, *, threads=None, isa=None):
+def dequantize_4bit(packed, absmax, quant_type: QuantType, blocksize: int, shape, dtype, *, threads=None, isa=None,
+                    out=None):
+    """`out`: an optional contiguous CPU tensor of exactly the shape's numel, reused as the destination
+    (the runtime's large-batch path dequantizes into one buffer instead of allocating per call)."""
     _, lib = load()
+    _check_blocksize(blocksize)
     n = 1
     for d in shape:
         n *= int(d)
@@ -100,7 +111,10 @@ def dequantize_4bit(packed, absmax, quant_type: QuantType, blocksize: int, shape
     absmax = _cpu_contiguous(absmax).to(torch.float32)
     if packed.numel() < (n + 1) // 2 or absmax.numel() < -(-n // blocksize):
         raise QuantizationInputError(f"packed data or absmax too small for shape {list(shape)}")
-    out = torch.empty(tuple(shape), dtype=dtype)
+    if out is None:
+        out = torch.empty(tuple(shape), dtype=dtype)
+    elif (out.dtype != dtype or out.device.type != "cpu" or not out.is_contiguous() or out.numel() != n):
+        raise QuantizationInputError(f"out buffer must be a contiguous CPU {dtype} tensor of {n} elements")
     status = lib.qckpt_dequantize_4bit(
         _ptr(packed, "uint8_t *"), _ptr(absmax, "float *"), n, blocksize, _QUANT4[quant_type],
         _ptr(out, "void *"), _dtype_code(dtype), _exec(threads, isa),
@@ -112,6 +126,7 @@ def dequantize_4bit(packed, absmax, quant_type: QuantType, blocksize: int, shape
 def quantize_blockwise8(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, threads=None, isa=None, name=""):
     """float32 x -> (uint8 codes (n,), absmax float32 (nb,))."""
     _, lib = load()
+    _check_blocksize(blocksize)
     x = _cpu_contiguous(x).to(torch.float32).reshape(-1)
     code = _cpu_contiguous(code).to(torch.float32)
     n = x.numel()
@@ -127,6 +142,7 @@ def quantize_blockwise8(x: torch.Tensor, code: torch.Tensor, blocksize: int, *, 
 
 def dequantize_blockwise8(codes, absmax, code, blocksize: int, *, offset: float = 0.0, threads=None, isa=None):
     _, lib = load()
+    _check_blocksize(blocksize)
     codes = _cpu_contiguous(codes).reshape(-1)
     absmax = _cpu_contiguous(absmax).to(torch.float32)
     code = _cpu_contiguous(code).to(torch.float32)

@@ -88,6 +88,38 @@ qckpt_status qckpt_gemm_4bit(const float *x, int64_t batch, const uint8_t *packe
                              int64_t n_out, int64_t k, int64_t blocksize, int32_t quant_type, float *y,
                              const qckpt_exec *exec);
 
+/* ---- 8-bit optimizers (converter/optim; reference: converter/optim/reference.py) ----
+ * One AdamW step (decoupled weight decay, bias correction) for one parameter, fused: dequantize the
+ * moments, update them and the parameter, re-quantize the moments. Every scalar below is float32,
+ * computed once per step by the caller (in double, rounded once), so C and the reference share them. */
+typedef struct {
+    float beta1, beta2;                   /* moment decay rates */
+    float one_minus_beta1, one_minus_beta2;
+    float eps;
+    float step_size;             /* lr / (1 - beta1^t) */
+    float bias_correction2_sqrt; /* sqrt(1 - beta2^t) */
+    float decay;                 /* 1 - lr * weight_decay (exactly 1.0f without weight decay) */
+    int32_t maximize;            /* nonzero: ascend, i.e. use -grad */
+} qckpt_adamw_hparams;
+
+/* Per element, all float32, each operation rounded once (no FMA), g = grad (negated if maximize):
+ *   m = m_map[m_codes] * m_absmax[blk] * beta1 + g * (1-beta1)      (i.e. (m0*beta1) + (g*(1-beta1)))
+ *   v = v_map[v_codes] * v_absmax[blk] * beta2 + (g*g) * (1-beta2)
+ *   p = p * decay - step_size * (m / (sqrt(v) / bias_correction2_sqrt + eps)), stored RNE in param_dtype
+ * then m and v are re-quantized blockwise like qckpt_quantize_blockwise8 (absmax, 1.0f/absmax, nearest
+ * map entry by float32 midpoints, ties to the even index, NaN -> 0). Maps: 256 strictly increasing
+ * float32 values (signed dynamic map for m, unsigned for v). param (n,) and grad (n,) in any qckpt_dtype;
+ * m_codes, v_codes (n,) uint8 and m_absmax, v_absmax (ceil(n/blocksize),) float32 are updated in place.
+ * blocksize in [1, 4096]. The result is identical for every ISA variant and thread count. */
+qckpt_status qckpt_adamw8bit_step(void *param, int32_t param_dtype, const void *grad, int32_t grad_dtype, int64_t n,
+                                  uint8_t *m_codes, float *m_absmax, const float *m_map, uint8_t *v_codes,
+                                  float *v_absmax, const float *v_map, int64_t blocksize,
+                                  const qckpt_adamw_hparams *hp, const qckpt_exec *exec);
+
+/* The same step with float32 moments m (n,), v (n,) updated in place (small tensors keep 32-bit state). */
+qckpt_status qckpt_adamw32_step(void *param, int32_t param_dtype, const void *grad, int32_t grad_dtype, int64_t n,
+                                float *m, float *v, const qckpt_adamw_hparams *hp, const qckpt_exec *exec);
+
 #ifdef __cplusplus
 }
 #endif

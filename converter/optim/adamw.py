@@ -1,0 +1,184 @@
+"""AdamW with blockwise 8-bit moments (the optimizer of QLoRA training), on the native CPU kernel.
+
+State per parameter of >= min_8bit_size elements (bitsandbytes' names, so the layout reads familiar):
+  state1 / absmax1: first moment, uint8 codes of the signed dynamic map + one float32 absmax per 256
+  state2 / absmax2: second moment, uint8 codes of the unsigned dynamic map + float32 absmax per 256
+i.e. 2 + 8/256 = 2.03 bytes per parameter instead of AdamW's 8. Smaller tensors (biases, norms, small
+LoRA adapters) keep float32 exp_avg / exp_avg_sq: quantizing them saves little and costs accuracy.
+Both paths run one fused native call per parameter; converter/optim/reference.py defines the arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import OptimizerError
+from . import maps
+from .reference import BLOCKSIZE, AdamWScalars
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE8 = ("state1", "absmax1", "state2", "absmax2")
+_STATE32 = ("exp_avg", "exp_avg_sq")
+_ZERO_CODE_SIGNED = 127  # signed map entry 127 is exactly 0.0 (FORMAT.md 2.2); unsigned entry 0 is 0.0
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """Drop-in for torch.optim.AdamW (same hyper-parameters and defaults) with 8-bit optimizer state.
+
+    amsgrad, capturable and differentiable are not supported (a clear error); foreach and fused are
+    accepted for signature compatibility and ignored: every step is one fused kernel per parameter.
+    `min_8bit_size`: parameters with fewer elements keep 32-bit state. `threads`: native worker count
+    (default: QCKPT_THREADS, else every core this process may use).
+    Parameters must be CPU tensors for now (the CUDA kernel is pending the CUDA extension)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 min_8bit_size=4096, threads=None):
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not 0.0 <= lr:
+            raise OptimizerError(f"invalid learning rate: {lr}")
+        if not 0.0 <= eps:
+            raise OptimizerError(f"invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
+            raise OptimizerError(f"invalid beta parameters: {tuple(betas)} (each must be in [0, 1))")
+        if not 0.0 <= weight_decay:
+            raise OptimizerError(f"invalid weight_decay value: {weight_decay}")
+        if amsgrad:
+            raise OptimizerError("AdamW8bit does not support amsgrad=True (its running maximum of the second "
+                                 "moment would need a third state); use torch.optim.AdamW for AMSGrad")
+        if capturable or differentiable:
+            raise OptimizerError("AdamW8bit supports neither capturable=True nor differentiable=True")
+        if int(min_8bit_size) < 1:
+            raise OptimizerError(f"min_8bit_size must be >= 1, got {min_8bit_size}")
+        self._threads = threads
+        # The two code maps, built once per optimizer (constants; the kernel only reads them).
+        self._m_map, self._v_map = maps.signed_map(), maps.unsigned_map()
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
+                        maximize=maximize, min_8bit_size=int(min_8bit_size))
+        super().__init__(params, defaults)
+
+    # ---- one step ----
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            if group.get("amsgrad"):
+                raise OptimizerError(f"param group {gi}: AdamW8bit does not support amsgrad=True")
+            beta1, beta2 = group["betas"]
+            for pi, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                name = _describe(gi, pi, param)
+                grad = self._checked_grad(param, name)
+                state = self.state[param]
+                if not state:
+                    _init_state(param, state, group["min_8bit_size"])
+                state["step"] += 1
+                scalars = AdamWScalars.for_step(
+                    lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=int(state["step"].item()), maximize=group["maximize"],
+                )
+                self._update(param, grad, state, scalars, name)
+        return loss
+
+    def _checked_grad(self, param, name):
+        grad = param.grad
+        if grad.is_sparse:
+            raise OptimizerError(f"{name}: AdamW8bit does not support sparse gradients")
+        if param.device.type != "cpu":
+            raise OptimizerError(f"{name} is on {param.device}: AdamW8bit runs on CPU only until the CUDA "
+                                 "8-bit optimizer kernel exists (pending the CUDA extension)")
+        if param.dtype not in _PARAM_DTYPES or grad.dtype not in _PARAM_DTYPES:
+            raise OptimizerError(f"{name}: parameter dtype {param.dtype} / gradient dtype {grad.dtype} not "
+                                 "supported (float32, bfloat16 or float16)")
+        if grad.device != param.device or grad.shape != param.shape:
+            raise OptimizerError(f"{name}: gradient {tuple(grad.shape)} on {grad.device} does not match the "
+                                 f"parameter {tuple(param.shape)} on {param.device}")
+        return grad.contiguous()
+
+    def _update(self, param, grad, state, scalars, name):
+        from ..kernels import optim_cpu
+
+        # The kernel writes through the pointer: a non-contiguous parameter is stepped in a copy.
+        target = param.data if param.data.is_contiguous() else param.data.contiguous()
+        if "state1" in state:
+            optim_cpu.adamw8bit_step(
+                target, grad, state["state1"], state["absmax1"], self._m_map, state["state2"],
+                state["absmax2"], self._v_map, scalars, blocksize=BLOCKSIZE, threads=self._threads,
+                name=name,
+            )
+        else:
+            optim_cpu.adamw32_step(target, grad, state["exp_avg"], state["exp_avg_sq"], scalars,
+                                   threads=self._threads, name=name)
+        if target.data_ptr() != param.data.data_ptr():
+            param.data.copy_(target)
+
+    # ---- state_dict round trip ----
+
+    def load_state_dict(self, state_dict):
+        """As torch's, except that state tensors keep their dtype: torch would cast every floating-point
+        state tensor to the parameter's dtype (absmax and 32-bit moments of a bf16 parameter to bf16)."""
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        saved = {pid: dict(values) for pid, values in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, param in zip(saved_ids, params):
+            if pid not in saved:
+                continue
+            values = saved[pid]
+            state = self.state[param]
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().to(device=param.device if key != "step" else "cpu").clone()
+                    if key == "step" or key in _STATE32:
+                        value = value.to(torch.float32)
+                state[key] = value
+            _validate_state(param, state, f"loaded state of parameter {pid} {tuple(param.shape)}")
+
+
+def _describe(gi: int, pi: int, param) -> str:
+    return f"param group {gi} parameter {pi} {tuple(param.shape)}"
+
+
+def _init_state(param, state, min_8bit_size: int) -> None:
+    n = param.numel()
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    if n >= min_8bit_size:
+        nb = -(-n // BLOCKSIZE)
+        state["state1"] = torch.full((n,), _ZERO_CODE_SIGNED, dtype=torch.uint8, device=param.device)
+        state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=param.device)
+        state["state2"] = torch.zeros(n, dtype=torch.uint8, device=param.device)
+        state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=param.device)
+    else:
+        state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=param.device)
+
+
+def _validate_state(param, state, where: str) -> None:
+    n = param.numel()
+    nb = -(-n // BLOCKSIZE)
+    if "step" not in state:
+        raise OptimizerError(f"{where}: no 'step' entry")
+    if all(k in state for k in _STATE8):
+        expected = {"state1": (torch.uint8, n), "state2": (torch.uint8, n),
+                    "absmax1": (torch.float32, nb), "absmax2": (torch.float32, nb)}
+    elif all(k in state for k in _STATE32):
+        expected = {"exp_avg": (torch.float32, n), "exp_avg_sq": (torch.float32, n)}
+    else:
+        raise OptimizerError(f"{where}: expected either {list(_STATE8)} or {list(_STATE32)}, got {sorted(state)}")
+    for key, (dtype, numel) in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or value.dtype != dtype or value.numel() != numel:
+            got = f"{value.dtype} x {value.numel()}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise OptimizerError(f"{where}: '{key}' should be {dtype} x {numel}, got {got}")
+        state[key] = value.reshape(-1).contiguous()
+
+
+def state_nbytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by an optimizer's per-parameter state tensors (any torch optimizer)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))

@@ -1,0 +1,154 @@
+/* optim8_avx512.c -- AVX-512 (F+BW+VL) variant of the fused 8-bit AdamW step, 16 lanes. The same float32
+ * operations in the same order as qk_adam8_scalar (optim8.c), so parameters and states come out
+ * identical (tests/test_optim_kernel.py compares the variants). Dequantization gathers from the 256-entry
+ * map; code selection is the scalar's branchless binary search, its 8 levels unrolled into per-level
+ * tables (level with step s probes t[j*2s + s-1], j = idx / 2s) so every probe is a register permute. */
+#include "optim8.h"
+
+#ifdef QCKPT_HAVE_X86
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#include <immintrin.h>
+
+typedef struct {
+    __m512 l128, l64, l32, l16, l8; /* steps 128..8: 1, 2, 4, 8, 16 entries (one register each) */
+    __m512 l4[2], l2[4], l1[8];     /* steps 4, 2, 1: 32, 64, 128 entries */
+} search_tables;
+
+static void build_tables(const float *thr, search_tables *t) {
+    float tmp[128];
+    __m512 *single[5] = {NULL, &t->l64, &t->l32, &t->l16, &t->l8};
+    for (int level = 0; level < 8; level++) {
+        int s = 128 >> level, count = 1 << level;
+        for (int j = 0; j < 16; j++) tmp[j] = 0.0f;
+        for (int j = 0; j < count; j++) tmp[j] = thr[j * 2 * s + s - 1];
+        if (level == 0) t->l128 = _mm512_set1_ps(tmp[0]); /* every lane probes index 127 */
+        else if (level < 5) *single[level] = _mm512_loadu_ps(tmp);
+        for (int r = 0; level >= 5 && r < count / 16; r++) {
+            __m512 v = _mm512_loadu_ps(tmp + 16 * r);
+            if (level == 5) t->l4[r] = v;
+            else if (level == 6) t->l2[r] = v;
+            else t->l1[r] = v;
+        }
+    }
+}
+
+/* idx += s where t_s[idx / 2s] < x (the scalar's "thr[idx + s - 1] < x"). */
+static inline __m512i level_step(__m512i idx, __m512 probe, __m512 x, int s) {
+    __mmask16 lt = _mm512_cmp_ps_mask(probe, x, _CMP_LT_OQ); /* NaN: false */
+    return _mm512_mask_add_epi32(idx, lt, idx, _mm512_set1_epi32(s));
+}
+
+static inline __m512i codes16(__m512 x, const search_tables *t) {
+    __m512i idx = _mm512_setzero_si512();
+    idx = level_step(idx, t->l128, x, 128); /* l128 is thr[127] in every lane */
+    idx = level_step(idx, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 7), t->l64), x, 64);
+    idx = level_step(idx, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 6), t->l32), x, 32);
+    idx = level_step(idx, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 5), t->l16), x, 16);
+    idx = level_step(idx, _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), t->l8), x, 8);
+    __m512i j = _mm512_srli_epi32(idx, 3); /* 0..31 */
+    idx = level_step(idx, _mm512_permutex2var_ps(t->l4[0], j, t->l4[1]), x, 4);
+    j = _mm512_srli_epi32(idx, 2); /* 0..63: bit 5 picks the register pair */
+    __mmask16 hi5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    __m512 p = _mm512_mask_blend_ps(hi5, _mm512_permutex2var_ps(t->l2[0], j, t->l2[1]),
+                                    _mm512_permutex2var_ps(t->l2[2], j, t->l2[3]));
+    idx = level_step(idx, p, x, 2);
+    j = _mm512_srli_epi32(idx, 1); /* 0..127: bits 5 and 6 pick the register pair */
+    hi5 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(32));
+    __mmask16 hi6 = _mm512_test_epi32_mask(j, _mm512_set1_epi32(64));
+    __m512 lo = _mm512_mask_blend_ps(hi5, _mm512_permutex2var_ps(t->l1[0], j, t->l1[1]),
+                                     _mm512_permutex2var_ps(t->l1[2], j, t->l1[3]));
+    __m512 hi = _mm512_mask_blend_ps(hi5, _mm512_permutex2var_ps(t->l1[4], j, t->l1[5]),
+                                     _mm512_permutex2var_ps(t->l1[6], j, t->l1[7]));
+    return level_step(idx, _mm512_mask_blend_ps(hi6, lo, hi), x, 1);
+}
+
+static inline __m512 load16(const void *x, int32_t dtype, int64_t i, __mmask16 k) {
+    switch (dtype) {
+    case QCKPT_F32: return _mm512_maskz_loadu_ps(k, (const float *)x + i);
+    case QCKPT_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)x + i));
+    default: {
+        __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)x + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    }
+}
+
+/* Round to nearest even, as qk_store does (bf16 NaN -> 0x7FC0; f16 by vcvtps2ph, which qk_f32_to_f16 mirrors). */
+static inline void store16(void *out, int32_t dtype, int64_t i, __m512 v, __mmask16 k) {
+    switch (dtype) {
+    case QCKPT_F32: _mm512_mask_storeu_ps((float *)out + i, k, v); break;
+    case QCKPT_F16:
+        _mm256_mask_storeu_epi16((uint16_t *)out + i, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        break;
+    default: {
+        __m512i bits = _mm512_castps_si512(v);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+        _mm256_mask_storeu_epi16((uint16_t *)out + i, k, _mm512_cvtepi32_epi16(rounded));
+    }
+    }
+}
+
+static inline __mmask16 lanes(int64_t remaining) {
+    return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
+
+/* Codes for x[0..len) with the block absmax computed as the scalar does (largest |x| bit pattern). */
+static void quantize_block(const float *x, int64_t len, const search_tables *t, uint8_t *codes, float *absmax) {
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+    __m512i max_bits = _mm512_setzero_si512();
+    for (int64_t i = 0; i < len; i += 16) {
+        __m512i bits = _mm512_maskz_loadu_epi32(lanes(len - i), x + i);
+        max_bits = _mm512_max_epu32(max_bits, _mm512_and_si512(bits, abs_mask));
+    }
+    float amax = qk_bits_to_f32((uint32_t)_mm512_reduce_max_epu32(max_bits));
+    *absmax = amax;
+    const __m512 r = _mm512_set1_ps(1.0f / amax);
+    for (int64_t i = 0; i < len; i += 16) {
+        __mmask16 k = lanes(len - i);
+        __m512i c = codes16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), r), t);
+        _mm512_mask_cvtepi32_storeu_epi8(codes + i, k, c);
+    }
+}
+
+void qk_adam8_avx512(const qk_adam_args *a, int64_t b0, int64_t b1) {
+    float mbuf[QK_OPTIM_MAX_BLOCK], vbuf[QK_OPTIM_MAX_BLOCK];
+    search_tables mt, vt;
+    build_tables(a->m_thr, &mt);
+    build_tables(a->v_thr, &vt);
+    const qckpt_adamw_hparams *hp = &a->hp;
+    const __m512 beta1 = _mm512_set1_ps(hp->beta1), beta2 = _mm512_set1_ps(hp->beta2);
+    const __m512 omb1 = _mm512_set1_ps(hp->one_minus_beta1), omb2 = _mm512_set1_ps(hp->one_minus_beta2);
+    const __m512 eps = _mm512_set1_ps(hp->eps), step = _mm512_set1_ps(hp->step_size);
+    const __m512 bc2 = _mm512_set1_ps(hp->bias_correction2_sqrt), decay = _mm512_set1_ps(hp->decay);
+    const __m512i sign_flip = _mm512_set1_epi32(hp->maximize ? (int32_t)0x80000000u : 0);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t start = b * a->blocksize;
+        const int64_t len = a->n - start < a->blocksize ? a->n - start : a->blocksize;
+        const __m512 am = _mm512_set1_ps(a->m_absmax[b]), av = _mm512_set1_ps(a->v_absmax[b]);
+        for (int64_t i = 0; i < len; i += 16) {
+            const int64_t k = start + i;
+            const __mmask16 mask = lanes(len - i);
+            /* masked-off lanes load code 0: a valid map index, and their results are never stored */
+            __m512i mc = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, a->m_codes + k));
+            __m512i vc = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, a->v_codes + k));
+            __m512 m0 = _mm512_mul_ps(_mm512_i32gather_ps(mc, a->m_map, 4), am);
+            __m512 v0 = _mm512_mul_ps(_mm512_i32gather_ps(vc, a->v_map, 4), av);
+            __m512 g = _mm512_castsi512_ps(
+                _mm512_xor_si512(_mm512_castps_si512(load16(a->grad, a->grad_dtype, k, mask)), sign_flip));
+            __m512 m = _mm512_add_ps(_mm512_mul_ps(m0, beta1), _mm512_mul_ps(g, omb1));
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(v0, beta2), _mm512_mul_ps(_mm512_mul_ps(g, g), omb2));
+            __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2), eps);
+            __m512 p = _mm512_mul_ps(load16(a->param, a->param_dtype, k, mask), decay);
+            p = _mm512_sub_ps(p, _mm512_mul_ps(step, _mm512_div_ps(m, denom)));
+            store16(a->param, a->param_dtype, k, p, mask);
+            _mm512_mask_storeu_ps(mbuf + i, mask, m);
+            _mm512_mask_storeu_ps(vbuf + i, mask, v);
+        }
+        quantize_block(mbuf, len, &mt, a->m_codes + start, &a->m_absmax[b]);
+        quantize_block(vbuf, len, &vt, a->v_codes + start, &a->v_absmax[b]);
+    }
+}
+#endif

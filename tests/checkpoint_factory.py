@@ -1,0 +1,118 @@
+"""Builds tiny converted folders for the push/inspect/verify tests without the converter pipeline.
+
+A two-layer Llama-shaped model with awkward sizes: its Linear weights quantized with `converter.quantize`,
+everything else passed through, written as two shards + index, config.json with quantization_config,
+README.md and a qckpt_report.json recording each file's size and sha256 (the layout of DESIGN.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTER, VOCAB, LAYERS = 48, 80, 70, 2
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def source_tensors(gen: torch.Generator, dtype=torch.bfloat16) -> dict:
+    """The unquantized weights, by name (what a source checkpoint holds)."""
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name in LINEARS:
+            out_f, in_f = (INTER, HIDDEN) if name in ("mlp.gate_proj", "mlp.up_proj") else (
+                (HIDDEN, INTER) if name == "mlp.down_proj" else (HIDDEN, HIDDEN))
+            shapes[f"{p}{name}.weight"] = (out_f, in_f)
+        shapes[f"{p}input_layernorm.weight"] = (HIDDEN,)
+        shapes[f"{p}post_attention_layernorm.weight"] = (HIDDEN,)
+    return {k: (torch.randn(s, generator=gen) * 0.05).to(dtype) for k, s in shapes.items()}
+
+
+def llama_config() -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": INTER, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False, "max_position_embeddings": 128,
+    }
+
+
+def write_source(folder, tensors: dict) -> str:
+    """Write `tensors` + config.json as an unquantized source folder."""
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(llama_config(), f)
+    return os.fspath(folder)
+
+
+def sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def build_converted(folder, tensors: dict, *, quant_type="nf4", blocksize=64, double_quant=True,
+                    shards=2, source="test/source-model") -> str:
+    """Quantize every Linear weight of `tensors` and write a converted folder; return its path."""
+    from converter import quantize
+    from converter.bnb import quantization_config
+
+    os.makedirs(folder, exist_ok=True)
+    out, records = {}, []
+    for name, value in tensors.items():
+        if name.startswith("model.layers.") and any(f".{n}.weight" in name for n in LINEARS):
+            qt = quantize(value, quant_type, blocksize=blocksize, double_quant=double_quant, name=name)
+            out.update(qt.state_dict(name[: -len("weight")]))
+            restored = qt.dequantize(torch.float32)
+            rel = float((restored - value.float()).norm() / value.float().norm())
+            records.append({"name": name, "shape": list(value.shape), "source_dtype": "bfloat16",
+                            "scheme": quant_type, "bytes_before": value.numel() * 2, "bytes_after": qt.nbytes(),
+                            "relative_error": rel, "max_abs_error": float((restored - value.float()).abs().max())})
+        else:
+            out[name] = value
+            records.append({"name": name, "shape": list(value.shape), "source_dtype": "bfloat16",
+                            "scheme": "passthrough", "bytes_before": value.numel() * 2,
+                            "bytes_after": value.numel() * 2, "relative_error": 0.0, "max_abs_error": 0.0})
+    names = sorted(out)
+    if shards == 1:
+        groups = {"model.safetensors": names}
+    else:
+        cut = len(names) // shards
+        groups = {}
+        for i in range(shards):
+            part = names[i * cut:(i + 1) * cut] if i < shards - 1 else names[i * cut:]
+            groups[f"model-{i + 1:05d}-of-{shards:05d}.safetensors"] = part
+    weight_map = {}
+    for file, part in groups.items():
+        save_file({n: out[n].contiguous() for n in part}, os.path.join(folder, file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    if shards > 1:
+        total = sum(t.numel() * t.element_size() for t in out.values())
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    config = llama_config()
+    config["quantization_config"] = quantization_config(quant_type, double_quant=double_quant)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(f"---\nbase_model: {source}\nbase_model_relation: quantized\nlibrary_name: transformers\n"
+                f"tags:\n- bitsandbytes\n- 4-bit\n---\n# test model\n")
+    files = sorted(n for n in os.listdir(folder) if n != "qckpt_report.json")
+    report = {
+        "tool": "qckpt", "tool_version": "test", "source": {"repo": source, "commit": "0" * 40},
+        "settings": {"quant": quant_type, "blocksize": blocksize, "double_quant": double_quant,
+                     "compute_dtype": "bfloat16"},
+        "tensors": records,
+        "totals": {"bytes_before": sum(r["bytes_before"] for r in records),
+                   "bytes_after": sum(r["bytes_after"] for r in records)},
+        "files": {n: {"size": os.path.getsize(os.path.join(folder, n)), "sha256": sha256(os.path.join(folder, n))}
+                  for n in files},
+    }
+    with open(os.path.join(folder, "qckpt_report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return os.fspath(folder)
