@@ -47,3 +47,7 @@ class ModelLoadError(QckptError, ValueError):
 
 class OptimizerError(QckptError, ValueError):
     """An 8-bit optimizer setting, parameter or loaded optimizer state is unusable (converter.optim)."""
+
+
+class VerificationError(QckptError, ValueError):
+    """A converted folder failed `verify` (raised where a clean folder is required, e.g. before a push)."""

@@ -141,9 +141,44 @@ def open_repo(path_or_repo, *, revision=None, token=None):
         return LocalRepo(text)
     if os.path.exists(text):
         raise SourceNotFoundError(f"{text}: inspect expects a checkpoint folder or a Hub repo id, not a file")
-    from .sources.hub import HubRepoFiles
+    return HubRepo(text, revision=revision, token=token)
 
-    return HubRepoFiles(text, revision=revision, token=token)
+
+class HubRepo:
+    """A Hub repo pinned to one commit: the listing from model_info, small files downloaded into a temporary
+    folder, shard headers by ranged reads (all through sources.hub, the module that owns Hub access)."""
+
+    kind = "hub"
+
+    def __init__(self, repo_id: str, *, revision=None, token=None):
+        import tempfile
+
+        from .sources.hub import HubSource
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="qckpt-inspect-")
+        try:
+            self._source = HubSource(repo_id, revision=revision, token=token, work_dir=self._tmp.name)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+        self.commit = self._source.commit
+        self.location = repo_id
+
+    def files(self) -> dict:
+        return {name: size or 0 for name, (size, _) in self._source.files.items()}
+
+    def read_small(self, name: str) -> bytes | None:
+        if name not in self._source.files:
+            return None
+        with open(self._source._download_small(name), "rb") as f:
+            return f.read()
+
+    def header(self, shard: str):
+        return self._source.header(shard)
+
+    def close(self) -> None:
+        self._source.close()
+        self._tmp.cleanup()
 
 
 def _json(repo, name: str):
@@ -174,7 +209,11 @@ def _inspect(repo) -> Inspection:
         raise CheckpointError(f"{repo.location}/{CONFIG_FILE}: not a JSON object")
     index = _json(repo, INDEX_FILE) if INDEX_FILE in files else None
     if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+        from .shards.index import check_shard_name
+
         shards = sorted(set(index["weight_map"].values()))
+        for shard in shards:  # a crafted index must not make us read files outside the checkpoint
+            check_shard_name(shard, f"{repo.location}/{INDEX_FILE}")
     elif SINGLE_FILE in files:
         shards = [SINGLE_FILE]
     else:
@@ -278,7 +317,7 @@ def _module_facts(infos: dict, prefixes: dict, states: dict, report) -> tuple[di
 
 
 def _group_name(name: str) -> str:
-    return _LAYER.sub(".*.", name, count=1)
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)  # every index: layers and experts alike
 
 
 def _layer_of(name: str):
@@ -315,7 +354,7 @@ def _groups(infos: dict, prefixes: dict, modules: dict, report) -> tuple[list, l
             slot["params"] += params
     if report is not None and isinstance(report.get("tensors"), list):
         for record in report["tensors"]:
-            if not isinstance(record, dict) or record.get("scheme") in (None, "passthrough", "keep", "none"):
+            if not isinstance(record, dict) or record.get("scheme") in (None, "copy", "passthrough", "keep", "none"):
                 continue
             layer = _layer_of(str(record.get("name", "")))
             rel = record.get("relative_error")
@@ -382,7 +421,7 @@ def _error_summary(report) -> dict | None:
         return None
     errs = [(float(t["relative_error"]), t.get("name"), t.get("max_abs_error")) for t in report["tensors"]
             if isinstance(t, dict) and isinstance(t.get("relative_error"), (int, float))
-            and t.get("scheme") not in (None, "passthrough", "keep", "none")]
+            and t.get("scheme") not in (None, "copy", "passthrough", "keep", "none")]
     if not errs:
         return None
     worst = max(errs)
@@ -412,6 +451,9 @@ def plot(insp: Inspection, path) -> str:
     size_ax.bar(layers, [entry["bytes"] / 1e6 for entry in insp.layers], color="tab:blue")
     size_ax.set_ylabel("size (MB)")
     size_ax.set_xlabel("layer")
+    from matplotlib.ticker import MaxNLocator
+
+    size_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if has_error:
         err_ax = axes[0][0]
         err_ax.plot(layers, [e["rel_error_max"] for e in insp.layers], "o-", label="max", color="tab:red")

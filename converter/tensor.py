@@ -67,7 +67,10 @@ class QuantizedTensor:
             return None
         from .formats.reference import lut_4bit
 
-        return lut_4bit(self.quant_type)
+        table = lut_4bit(self.quant_type)
+        # bitsandbytes writes its Python table, where FP4 code 8 is +0.0 (the literal `-0` is an int);
+        # dequantization keeps the CUDA LUT's -0.0 (FORMAT.md 1.1). Same values, same file bytes as bnb.
+        return torch.where(table == 0, torch.zeros_like(table), table)
 
     def block_absmax(self) -> torch.Tensor:
         """The float32 scale of every block (dequantizing the nested state when there is one)."""

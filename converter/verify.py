@@ -148,11 +148,12 @@ def verify(path, *, source=None, revision: str | None = None, token=None, thread
         headers[shard] = _read_header(folder, shard, findings)
     _check_unreferenced_shards(folder, shards, findings)
     location = _check_index(weight_map, headers, findings)
-    _check_total_size(folder, weight_map, headers, findings)
+    if report is not None:  # transformers' own total_size may count differently; ours is exact
+        _check_total_size(folder, weight_map, headers, findings)
 
     with _OpenShards(folder, location) as opened:
-        modules = _check_quantized_modules(opened, qconfig, report, findings)
-        files_hashed = _check_report(folder, report, location, opened, findings, check_hashes)
+        modules = _check_quantized_modules(opened, qconfig, findings)
+        files_hashed = _check_report(folder, report, location, opened, modules, findings, check_hashes)
         reproduction = None
         if source is not None:
             from .verify_source import reproduce
@@ -264,7 +265,13 @@ class _OpenShards:
     def names(self):
         return self.location.keys()
 
+    def shape(self, name: str) -> tuple:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
     def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def _handle(self, name: str):
         shard = self.location[name]
         handle = self._handles.get(shard)
         if handle is None:
@@ -274,7 +281,7 @@ class _OpenShards:
             handle = ctx.__enter__()
             self._stack.append(ctx)
             self._handles[shard] = handle
-        return handle.get_tensor(name)
+        return handle
 
 
 def module_tensor_names(prefix: str, kind: str, names) -> list:
@@ -321,7 +328,7 @@ def report_files(report) -> dict:
     return out
 
 
-def _check_quantized_modules(opened: _OpenShards, qconfig: dict, report, findings: _Findings) -> dict:
+def _check_quantized_modules(opened: _OpenShards, qconfig: dict, findings: _Findings) -> dict:
     """prefix -> QuantizedTensor for every module that rebuilds; findings for the rest."""
     from .bnb.state_dict import from_bnb_state_dict, quantized_prefixes
 
@@ -393,14 +400,21 @@ def _check_against_config(prefix: str, qt, sd: dict, qconfig: dict, findings: _F
         findings.add(f"{prefix}weight.nested_quant_map", "is not the signed 8-bit dynamic map")
 
 
-def _check_report(folder: str, report, location: dict, opened: _OpenShards, findings: _Findings,
+def _check_report(folder: str, report, location: dict, opened: _OpenShards, modules: dict, findings: _Findings,
                   check_hashes: bool) -> int:
     if report is None:
         return 0
     hashed = 0
+    from .shards.index import check_shard_name
+
     for name, entry in sorted(report_files(report).items()):
         path = os.path.join(folder, name)
         if os.path.basename(name) == REPORT_FILE:
+            continue
+        try:
+            check_shard_name(name, REPORT_FILE)
+        except CheckpointError:
+            findings.add(REPORT_FILE, f"lists a file outside the folder: {name!r}")
             continue
         if not os.path.isfile(path):
             findings.add(name, f"missing (listed in {REPORT_FILE})")
@@ -418,7 +432,30 @@ def _check_report(folder: str, report, location: dict, opened: _OpenShards, find
         stored = _stored_names_for_record(name, record, location)
         if not stored:
             findings.add(name, f"missing tensor (listed in {REPORT_FILE})")
+            continue
+        _check_record(name, record, modules, location, opened, findings)
     return hashed
+
+
+def _check_record(name: str, record: dict, modules: dict, location: dict, opened, findings: _Findings) -> None:
+    """A tensor's report entry (scheme, shape) against what is stored."""
+    scheme, shape = record.get("scheme"), record.get("shape")
+    prefix = name[: -len("weight")] if name.endswith("weight") else None
+    qt = modules.get(prefix) if prefix is not None else None
+    if scheme in ("nf4", "fp4", "int8"):
+        if qt is None:
+            if prefix is not None and name in location and not any(
+                    n.startswith(prefix + _QUANT_STATE_MARK) or n == prefix + "SCB" for n in location):
+                findings.add(name, f"{REPORT_FILE} says {scheme} but it is stored unquantized")
+            return  # a broken quantized module is already a finding
+        if qt.quant_type.value != scheme:
+            findings.add(name, f"stored as {qt.quant_type.value} but {REPORT_FILE} says {scheme}")
+        if isinstance(shape, list) and tuple(shape) != tuple(qt.shape):
+            findings.add(name, f"quant state shape {list(qt.shape)} but {REPORT_FILE} records {shape}")
+    elif name in location and isinstance(shape, list):
+        stored = list(opened.shape(name))
+        if stored != shape:
+            findings.add(name, f"shape {stored}, {REPORT_FILE} records {shape}")
 
 
 def _stored_names_for_record(name: str, record: dict, location: dict) -> list:

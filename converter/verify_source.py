@@ -53,7 +53,14 @@ def reproduce(opened, modules: dict, qconfig: dict, report, source, findings, *,
     differing = {}  # tensor name -> message
     seen = set()
     worst = (0.0, None)
-    src = open_source(source, revision=revision, token=token)
+    import tempfile
+
+    work = tempfile.TemporaryDirectory(prefix="qckpt-verify-")  # a Hub source downloads shards here
+    try:
+        src = open_source(source, revision=revision, token=token, work_dir=work.name)
+    except BaseException:
+        work.cleanup()
+        raise
     try:
         shards = list(src.shards)
         for shard in shards:
@@ -77,6 +84,7 @@ def reproduce(opened, modules: dict, qconfig: dict, report, source, findings, *,
                             differing[name] = problem
     finally:
         src.close()
+        work.cleanup()
     for name in sorted(wanted - seen):
         differing[name] = "missing from the source"
     ordered = sorted(differing.items())

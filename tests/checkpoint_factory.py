@@ -2,7 +2,8 @@
 
 A two-layer Llama-shaped model with awkward sizes: its Linear weights quantized with `converter.quantize`,
 everything else passed through, written as two shards + index, config.json with quantization_config,
-README.md and a qckpt_report.json recording each file's size and sha256 (the layout of DESIGN.md).
+README.md and a qckpt_report.json recording each file's sha256 (the layout and report schema of
+converter.pipeline / converter.report).
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def source_tensors(gen: torch.Generator, dtype=torch.bfloat16) -> dict:
+def source_tensors(gen: torch.Generator, dtype=torch.bfloat16, vocab: int = VOCAB) -> dict:
     """The unquantized weights, by name (what a source checkpoint holds)."""
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
-              "lm_head.weight": (VOCAB, HIDDEN)}
+    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN), "model.norm.weight": (HIDDEN,),
+              "lm_head.weight": (vocab, HIDDEN)}
     for i in range(LAYERS):
         p = f"model.layers.{i}."
         for name in LINEARS:
@@ -33,11 +34,11 @@ def source_tensors(gen: torch.Generator, dtype=torch.bfloat16) -> dict:
     return {k: (torch.randn(s, generator=gen) * 0.05).to(dtype) for k, s in shapes.items()}
 
 
-def llama_config() -> dict:
+def llama_config(vocab: int = VOCAB) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
         "intermediate_size": INTER, "num_attention_heads": 4, "num_key_value_heads": 4,
-        "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
+        "num_hidden_layers": LAYERS, "vocab_size": vocab, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16",
         "tie_word_embeddings": False, "max_position_embeddings": 128,
     }
 
@@ -47,7 +48,7 @@ def write_source(folder, tensors: dict) -> str:
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(llama_config(), f)
+        json.dump(llama_config(tensors["lm_head.weight"].shape[0]), f)
     return os.fspath(folder)
 
 
@@ -70,23 +71,21 @@ def build_converted(folder, tensors: dict, *, quant_type="nf4", blocksize=64, do
             out.update(qt.state_dict(name[: -len("weight")]))
             restored = qt.dequantize(torch.float32)
             rel = float((restored - value.float()).norm() / value.float().norm())
-            records.append({"name": name, "shape": list(value.shape), "source_dtype": "bfloat16",
+            records.append({"name": name, "shape": list(value.shape), "source_dtype": "BF16",
                             "scheme": quant_type, "bytes_before": value.numel() * 2, "bytes_after": qt.nbytes(),
                             "relative_error": rel, "max_abs_error": float((restored - value.float()).abs().max())})
         else:
             out[name] = value
-            records.append({"name": name, "shape": list(value.shape), "source_dtype": "bfloat16",
-                            "scheme": "passthrough", "bytes_before": value.numel() * 2,
-                            "bytes_after": value.numel() * 2, "relative_error": 0.0, "max_abs_error": 0.0})
+            records.append({"name": name, "shape": list(value.shape), "source_dtype": "BF16",
+                            "scheme": "copy", "bytes_before": value.numel() * 2,
+                            "bytes_after": value.numel() * 2, "relative_error": None, "max_abs_error": None})
     names = sorted(out)
     if shards == 1:
         groups = {"model.safetensors": names}
     else:
-        cut = len(names) // shards
-        groups = {}
-        for i in range(shards):
-            part = names[i * cut:(i + 1) * cut] if i < shards - 1 else names[i * cut:]
-            groups[f"model-{i + 1:05d}-of-{shards:05d}.safetensors"] = part
+        # round robin by name: spreads the big tensors (embeddings, lm_head) over shards, and splits a
+        # quantized module's tensors across shards, which readers must handle
+        groups = {f"model-{i + 1:05d}-of-{shards:05d}.safetensors": names[i::shards] for i in range(shards)}
     weight_map = {}
     for file, part in groups.items():
         save_file({n: out[n].contiguous() for n in part}, os.path.join(folder, file), metadata={"format": "pt"})
@@ -95,7 +94,7 @@ def build_converted(folder, tensors: dict, *, quant_type="nf4", blocksize=64, do
         total = sum(t.numel() * t.element_size() for t in out.values())
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    config = llama_config()
+    config = llama_config(tensors["lm_head.weight"].shape[0])
     config["quantization_config"] = quantization_config(quant_type, double_quant=double_quant)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -103,15 +102,15 @@ def build_converted(folder, tensors: dict, *, quant_type="nf4", blocksize=64, do
         f.write(f"---\nbase_model: {source}\nbase_model_relation: quantized\nlibrary_name: transformers\n"
                 f"tags:\n- bitsandbytes\n- 4-bit\n---\n# test model\n")
     files = sorted(n for n in os.listdir(folder) if n != "qckpt_report.json")
+    # the schema converter.report writes
     report = {
-        "tool": "qckpt", "tool_version": "test", "source": {"repo": source, "commit": "0" * 40},
+        "tool": "qckpt", "tool_version": "test", "source": source, "commit": "0" * 40,
         "settings": {"quant": quant_type, "blocksize": blocksize, "double_quant": double_quant,
-                     "compute_dtype": "bfloat16"},
-        "tensors": records,
+                     "compute_dtype": "bfloat16", "skip": []},
         "totals": {"bytes_before": sum(r["bytes_before"] for r in records),
                    "bytes_after": sum(r["bytes_after"] for r in records)},
-        "files": {n: {"size": os.path.getsize(os.path.join(folder, n)), "sha256": sha256(os.path.join(folder, n))}
-                  for n in files},
+        "files": {n: sha256(os.path.join(folder, n)) for n in files},
+        "tensors": records,
     }
     with open(os.path.join(folder, "qckpt_report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -107,6 +107,35 @@ def write_bnb(model, folder, tmp, **bnb_kwargs) -> str:
     return folder
 
 
+def write_bnb_functional(model, folder, quant_type="nf4", *, blocksize=64, double_quant=True,
+                         compute_dtype="float32") -> str:
+    """bitsandbytes' own quantize_4bit + QuantState.as_dict(packed=True) for every linear (how to get a
+    bnb-written checkpoint at blocksizes transformers' BitsAndBytesConfig cannot ask for)."""
+    import bitsandbytes.functional as bnbf
+
+    os.makedirs(folder, exist_ok=True)
+    quantized = dict(quantized_linears(model))
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    tensors = {}
+    for name, param in model.state_dict().items():
+        module_name = name.rsplit(".", 1)[0]
+        if module_name in quantized and name.endswith(".weight"):
+            packed, state = bnbf.quantize_4bit(param.detach().contiguous(), blocksize=blocksize,
+                                               compress_statistics=double_quant, quant_type=quant_type)
+            tensors[name] = packed
+            for key, value in state.as_dict(packed=True).items():
+                tensors[f"{name}.{key}"] = value
+        elif name not in tied:
+            tensors[name] = param.detach().clone().contiguous()
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [type(model).__name__]
+    cfg["quantization_config"] = quantization_config(quant_type, double_quant, compute_dtype)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return folder
+
+
 def reference_model(model, folder, compute_dtype):
     """`model` with each quantized linear replaced by the dequantized weight, computing like our layers:
     input cast to `compute_dtype`, F.linear, output cast back. The weights come from the checkpoint."""

@@ -291,15 +291,25 @@ def test_double_quantize_roundtrip_rules(gen):
 
 
 def test_int8_rowwise_reference(gen):
-    """int8: SCB = row absmax; codes = round-half-even(x * (127 / SCB)); an all-zero row gives zeros."""
+    """int8: SCB = row absmax; codes = round-half-even(x * ((1 / SCB) * 127)); an all-zero row gives zeros."""
     x = torch.randn(5, 33, generator=gen)
     x[2] = 0
     x[3, :4] = torch.tensor([0.5, -0.5, 1.5 / 127, 2.5 / 127]) * x[3].abs().max()
     q, scb = ref.quantize_int8_rowwise(x)
     assert torch.equal(scb, x.abs().amax(1))
-    scale = torch.tensor(127.0) / scb
+    scale = (1 / scb) * 127.0  # torch's `127.0 / scb`, which is what bitsandbytes writes
     for r in (0, 1, 3, 4):
         assert torch.equal(q[r], torch.round(x[r] * scale[r]).to(torch.int8))
     assert torch.all(q[2] == 0)
     deq = ref.dequantize_int8_rowwise(q, scb, torch.float32)
     assert torch.equal(deq, (q.float() * scb[:, None]) * torch.tensor(cb.INT8_DEQUANT_SCALE))
+
+
+def test_int8_scale_is_reciprocal_times_127():
+    """x = SCB / 2 with SCB = 17.953125: (1/SCB)*127 rounds to 63 like bitsandbytes, not 64 as an IEEE
+    127/SCB would (FORMAT.md 4.1: bnb's `127.0 / SCB` is torch's reciprocal(SCB) * 127)."""
+    x = torch.tensor([[8.9765625, 17.953125, -8.9765625]])
+    q, _ = ref.quantize_int8_rowwise(x)
+    assert q.tolist() == [[63, 127, -63]]
+    ieee = torch.round(x * (torch.tensor(127.0) / torch.tensor(17.953125)))
+    assert ieee.tolist() == [[64, 127, -64]]

@@ -16,7 +16,7 @@ class QckptGroup(click.Group):
     """Turns every known failure into one `error:` line and exit 1 (tracebacks with --debug)."""
 
     def invoke(self, ctx):
-        return run_guarded(lambda: super(QckptGroup, self).invoke(ctx), debug=ctx.obj and ctx.obj.get("debug"))
+        return run_guarded(lambda: super(QckptGroup, self).invoke(ctx), debug=ctx.params.get("debug"))
 
 
 @click.group(cls=QckptGroup, context_settings={"help_option_names": ["-h", "--help"]})

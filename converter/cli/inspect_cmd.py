@@ -62,9 +62,10 @@ def render(insp) -> str:
         lines.append(f"error        relative error mean {e['rel_error_mean']:.4g}, max {e['rel_error_max']:.4g} "
                      f"({e['worst_tensor']}) over {e['quantized_tensors']} quantized tensors")
     lines.append("")
-    lines.append(f"  {'tensor group':<44} {'scheme':<6} {'count':>5} {'params':>13} {'bytes':>11} {'bits/param':>10}")
+    width = max([len("tensor group")] + [len(g.name) for g in insp.groups])
+    lines.append(f"  {'tensor group':<{width}} {'scheme':<6} {'count':>5} {'params':>14} {'bytes':>11} {'bits/param':>10}")
     for g in insp.groups:
-        lines.append(f"  {g.name:<44} {g.scheme:<6} {g.count:>5} {g.params:>13,} {_size(g.bytes):>11} "
+        lines.append(f"  {g.name:<{width}} {g.scheme:<6} {g.count:>5} {g.params:>14,} {_size(g.bytes):>11} "
                      f"{g.bits_per_param:>10.3f}")
     return "\n".join(lines)
 

@@ -128,22 +128,29 @@ def dequantize_blockwise8(codes, absmax, blocksize: int = cb.NESTED_BLOCKSIZE, c
 
 # ----- double quantization of the 4-bit absmax -----
 
+# Elements per torch op in exact_mean_f32: below at::internal::GRAIN_SIZE (32768) torch runs an op on the
+# calling thread. On a busy machine torch's intra-op thread pool made the mean of 262k scales take ~200 ms
+# instead of ~1 ms, and this runs once per quantized weight.
+_SERIAL_CHUNK = 16384
+
+
 def exact_mean_f32(values: torch.Tensor) -> float:
     """Mean of float32 values, summed exactly and rounded once to float32 (order-independent).
 
     Every finite float32 is m * 2**e with integer m < 2**24; grouping mantissas by exponent in int64
     keeps the sum exact (2**39 values per exponent before overflow), then Python integers finish it.
     """
-    flat = values.detach().reshape(-1).to(torch.float32)
+    flat = values.detach().reshape(-1).to(torch.float32).contiguous()
     if flat.numel() == 0:
         raise ValueError("mean of an empty tensor")
-    bits = flat.view(torch.int32).to(torch.int64)
-    sign = torch.where(bits < 0, -1, 1)
-    exponent = (bits >> 23) & 0xFF
-    mantissa = bits & 0x7FFFFF
-    mantissa = torch.where(exponent > 0, mantissa | 0x800000, mantissa) * sign
-    exponent = torch.where(exponent > 0, exponent, torch.ones_like(exponent))  # subnormals scale like e=1
-    bins = torch.zeros(256, dtype=torch.int64).index_add_(0, exponent, mantissa)
+    bins = torch.zeros(256, dtype=torch.int64)
+    for start in range(0, flat.numel(), _SERIAL_CHUNK):
+        bits = flat[start:start + _SERIAL_CHUNK].view(torch.int32)
+        exponent = (bits >> 23) & 0xFF
+        mantissa = (bits & 0x7FFFFF) + (exponent > 0).to(torch.int32) * 0x800000  # implicit leading 1
+        mantissa = torch.where(bits < 0, -mantissa, mantissa).to(torch.int64)
+        exponent = exponent.clamp_(min=1)  # subnormals scale like e=1
+        bins.index_add_(0, exponent, mantissa)
     # value = mantissa * 2**(exponent - 150)
     total = sum(int(c) << int(e) for e, c in enumerate(bins.tolist()) if c)
     return fraction_to_f32(Fraction(total, flat.numel() << 150))
@@ -181,10 +188,13 @@ def dequantize_absmax(codes, nested_absmax, offset: float, nested_blocksize=cb.N
 # ----- row-wise int8 (LLM.int8 weight format) -----
 
 def quantize_int8_rowwise(x: torch.Tensor):
-    """2-D x (N, K) -> (int8 codes (N, K), SCB float32 (N,)); codes = rne(x * (127 / SCB))."""
+    """2-D x (N, K) -> (int8 codes (N, K), SCB float32 (N,)); codes = rne(x * ((1 / SCB) * 127)).
+
+    The scale is rounded twice on purpose: bitsandbytes writes `127.0 / SCB`, which torch evaluates as
+    `SCB.reciprocal() * 127`; an IEEE division differs on exact .5 ties (e.g. x = SCB / 2 -> 63 vs 64)."""
     rows = x.detach().to(torch.float32).reshape(x.shape[0], -1)
     scb = rows.abs().amax(dim=1)
-    scale = torch.tensor(127.0, dtype=torch.float32) / scb
+    scale = torch.reciprocal(scb) * torch.tensor(127.0, dtype=torch.float32)
     scaled = rows * scale[:, None]
     scaled = torch.where(scb[:, None] == 0, torch.zeros_like(scaled), scaled)
     return torch.round(scaled).to(torch.int8).reshape(x.shape), scb

@@ -43,7 +43,12 @@ def double_quantize(absmax: torch.Tensor, *, threads=None) -> NestedAbsmax:
     from ..formats.reference import exact_mean_f32
 
     offset = exact_mean_f32(absmax)
-    centered = absmax - torch.tensor(offset, dtype=torch.float32)
+    # Subtract in chunks small enough for torch to stay on this thread (see reference._SERIAL_CHUNK):
+    # its intra-op pool stalls badly when the cores are busy (e.g. with our own prefetching).
+    centered = torch.empty_like(absmax, dtype=torch.float32)
+    offset_t = torch.tensor(offset, dtype=torch.float32)
+    for src, dst in zip(absmax.split(16384), centered.split(16384)):
+        torch.sub(src, offset_t, out=dst)
     code = torch.tensor(cb.dynamic_map_signed(), dtype=torch.float32)
     codes, nested_absmax = cpu.quantize_blockwise8(centered, code, cb.NESTED_BLOCKSIZE, threads=threads)
     return NestedAbsmax(codes=codes, absmax=nested_absmax, offset=offset, code=code)

@@ -31,14 +31,21 @@ def read_index(path) -> dict:
             obj = json.load(f)
     except (UnicodeDecodeError, ValueError) as exc:
         raise IndexError_(f"{path}: not valid JSON ({exc})") from None
-    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise IndexError_(f"{path}: no weight_map object")
+    weight_map = parse_weight_map(obj, path)
     for tensor, shard in weight_map.items():
-        check_shard_name(shard, path, tensor)
         full = os.path.join(folder, shard)
         if not os.path.isfile(full):
             raise SourceNotFoundError(f"{path}: tensor {tensor!r} is in shard {shard!r}, which does not exist")
+    return dict(weight_map)
+
+
+def parse_weight_map(obj, where: str) -> dict:
+    """The validated {tensor: shard} of a parsed index object (shard names must stay inside the folder)."""
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise IndexError_(f"{where}: no weight_map object")
+    for tensor, shard in weight_map.items():
+        check_shard_name(shard, where, tensor)
     return dict(weight_map)
 
 

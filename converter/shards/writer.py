@@ -21,6 +21,15 @@ from .header import Entry, build_header, dtype_to_name, file_order
 _COPY_CHUNK = 8 << 20
 
 
+def _mkstemp(folder: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """mkstemp creates files 0600; give them the permissions an ordinary open() would (0666 & ~umask)."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+    return fd, path
+
+
 def _raise_disk(exc: OSError, path: str):
     if exc.errno == errno.ENOSPC:
         raise DiskFullError(f"disk full while writing {path}") from None
@@ -41,7 +50,7 @@ class ShardWriter:
         self.metadata = {"format": "pt"} if metadata is None else dict(metadata)
         folder = os.path.dirname(os.path.abspath(self.path))
         base = os.path.basename(self.path)
-        fd, self._body_path = tempfile.mkstemp(prefix=f".{base}.", suffix=".body.tmp", dir=folder)
+        fd, self._body_path = _mkstemp(folder, f".{base}.", ".body.tmp")
         self._body = os.fdopen(fd, "wb", buffering=0)
         self._pieces = {}  # name -> (Entry, body offset)
         self._size = 0
@@ -85,7 +94,7 @@ class ShardWriter:
         entries = self.entries()
         header, _ = build_header(entries, self.metadata)
         folder = os.path.dirname(os.path.abspath(self.path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=folder)
+        fd, tmp = _mkstemp(folder, f".{os.path.basename(self.path)}.", ".tmp")
         digest = hashlib.sha256()
         try:
             with os.fdopen(fd, "wb", buffering=0) as out, open(self._body_path, "rb", buffering=0) as body:

@@ -71,7 +71,8 @@ qckpt_status qckpt_dequantize_blockwise8(const uint8_t *codes, const float *absm
                                          const float *code, float offset, float *out, const qckpt_exec *exec);
 
 /* Row-wise int8 (LLM.int8 weights): x (rows, cols) -> scb[r] = max |x[r, :]| (float32),
- * q[r, c] = round_half_even(x[r, c] * (127.0f / scb[r])); an all-zero row gives zeros. */
+ * q[r, c] = round_half_even(x[r, c] * ((1.0f / scb[r]) * 127.0f)) (bnb's torch arithmetic); an all-zero
+ * row gives zeros. */
 qckpt_status qckpt_quantize_int8_rowwise(const void *x, int32_t dtype, int64_t rows, int64_t cols, int8_t *q,
                                          float *scb, const qckpt_exec *exec);
 

@@ -23,6 +23,10 @@ qckpt_status qckpt_resolve_exec(const qckpt_exec *exec, int32_t *threads, int32_
 typedef void (*qckpt_range_fn)(void *ctx, int64_t begin, int64_t end, int32_t worker);
 qckpt_status qckpt_parallel_for(int64_t n_items, int64_t min_grain, int32_t threads, qckpt_range_fn fn, void *ctx);
 
+/* Hint that a large output buffer about to be written for the first time be backed by transparent huge
+ * pages (Linux madvise; a no-op elsewhere or below 8 MiB). Never changes results. */
+void qk_advise_hugepages(void *p, int64_t bytes);
+
 /* ---- dtype conversions (bit-exact scalar definitions) ---- */
 static inline float qk_bits_to_f32(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t qk_f32_to_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
@@ -84,6 +88,7 @@ static inline void qk_store(void *out, int32_t dtype, int64_t i, float v) {
 }
 
 static inline int qk_dtype_valid(int32_t d) { return d == QCKPT_F32 || d == QCKPT_F16 || d == QCKPT_BF16; }
+static inline int64_t qk_dtype_size(int32_t d) { return d == QCKPT_F32 ? 4 : 2; }
 static inline int64_t qk_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 /* ---- 4-bit codes ---- */

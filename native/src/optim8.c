@@ -7,6 +7,10 @@
 
 #include "optim8.h"
 
+#ifndef QK_LUT_MIN_ELEMENTS
+#define QK_LUT_MIN_ELEMENTS 16384
+#endif
+
 static float next_down(float x) {
     uint32_t b = qk_f32_to_bits(x);
     if ((b & 0x7FFFFFFFu) == 0) return qk_bits_to_f32(0x80000001u); /* below +-0: the smallest negative */
@@ -24,9 +28,53 @@ static qckpt_status build_thresholds(const float *map, float *thr, const char *w
     return QCKPT_OK;
 }
 
+/* Number of real thresholds (index < 255) strictly below / at most x, by linear scan from `from`. */
+static int count_lt(const float *thr, int from, float x) {
+    while (from < 255 && thr[from] < x) from++;
+    return from;
+}
+
+static int count_le(const float *thr, int from, float x) {
+    while (from < 255 && thr[from] <= x) from++;
+    return from;
+}
+
+int qk_build_code_lut(const float *thr, uint32_t *lut) {
+    /* Buckets in increasing value order: negative ones from the largest magnitude down, then positive
+     * ones up, so one pointer sweeps the sorted thresholds. */
+    int at = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int b = 0; b < QK_LUT_BUCKETS; b++) {
+            int neg = pass == 0, mk = neg ? QK_LUT_BUCKETS - 1 - b : b;
+            uint32_t key = QK_LUT_KEY_MIN + (uint32_t)mk, sign = neg ? 0x80000000u : 0;
+            float lo, hi; /* the values the bucket stands for, after clamping */
+            int clamped_low = mk == 0, clamped_high = mk == QK_LUT_BUCKETS - 1;
+            if (!neg) {
+                lo = clamped_low ? 0.0f : qk_bits_to_f32(key << 16);
+                hi = clamped_high ? qk_bits_to_f32(0x7F800000u) : qk_bits_to_f32(key << 16 | 0xFFFFu);
+            } else {
+                lo = clamped_high ? qk_bits_to_f32(0xFF800000u) : qk_bits_to_f32(sign | key << 16 | 0xFFFFu);
+                hi = clamped_low ? -0.0f : qk_bits_to_f32(sign | key << 16);
+            }
+            at = count_lt(thr, at, lo);
+            int inside = count_le(thr, at, hi) - at;
+            uint32_t low16 = neg ? 0u : 0xFFFFu;
+            if (inside > 1 || (inside == 1 && (clamped_low || clamped_high))) return 0;
+            if (inside == 1) {
+                uint32_t tb = qk_f32_to_bits(thr[at]);
+                if ((tb >> 16) != (sign >> 16 | key)) return 0; /* cannot happen for a finite threshold; be safe */
+                low16 = tb & 0xFFFFu;
+            }
+            lut[mk + (neg ? QK_LUT_BUCKETS : 0)] = (uint32_t)at << 16 | low16;
+        }
+    }
+    return 1;
+}
+
 /* Block absmax as the largest |x| bit pattern (NaN sorts above inf, so a NaN block gets a NaN absmax
  * and every code 0), then codes as in qckpt_quantize_blockwise8. */
-static void quantize_block(const float *x, int64_t len, const float *thr, uint8_t *codes, float *absmax) {
+static void quantize_block(const float *x, int64_t len, const float *thr, const uint32_t *lut, uint8_t *codes,
+                           float *absmax) {
     uint32_t max_bits = 0;
     for (int64_t i = 0; i < len; i++) {
         uint32_t bits = qk_f32_to_bits(x[i]) & 0x7FFFFFFFu;
@@ -35,7 +83,10 @@ static void quantize_block(const float *x, int64_t len, const float *thr, uint8_
     float amax = qk_bits_to_f32(max_bits);
     *absmax = amax;
     float r = 1.0f / amax;
-    for (int64_t i = 0; i < len; i++) codes[i] = qk_code_below(thr, x[i] * r);
+    if (lut)
+        for (int64_t i = 0; i < len; i++) codes[i] = qk_code_lut(lut, x[i] * r);
+    else
+        for (int64_t i = 0; i < len; i++) codes[i] = qk_code_below(thr, x[i] * r);
 }
 
 void qk_adam8_scalar(const qk_adam_args *a, int64_t b0, int64_t b1) {
@@ -51,8 +102,8 @@ void qk_adam8_scalar(const qk_adam_args *a, int64_t b0, int64_t b1) {
                                      qk_load_f32(a->param, a->param_dtype, k));
             qk_store(a->param, a->param_dtype, k, p);
         }
-        quantize_block(mbuf, len, a->m_thr, a->m_codes + start, &a->m_absmax[b]);
-        quantize_block(vbuf, len, a->v_thr, a->v_codes + start, &a->v_absmax[b]);
+        quantize_block(mbuf, len, a->m_thr, a->use_lut ? a->m_lut : NULL, a->m_codes + start, &a->m_absmax[b]);
+        quantize_block(vbuf, len, a->v_thr, a->use_lut ? a->v_lut : NULL, a->v_codes + start, &a->v_absmax[b]);
     }
 }
 
@@ -106,6 +157,8 @@ qckpt_status qckpt_adamw8bit_step(void *param, int32_t param_dtype, const void *
                         .m_absmax = m_absmax, .v_absmax = v_absmax, .m_map = m_map, .v_map = v_map, .hp = *hp};
     if ((st = build_thresholds(m_map, a->m_thr, "first-moment")) == QCKPT_OK &&
         (st = build_thresholds(v_map, a->v_thr, "second-moment")) == QCKPT_OK) {
+        /* The bucket tables cost ~6K entries each to build: worth it from a few blocks per call on. */
+        a->use_lut = n >= QK_LUT_MIN_ELEMENTS && qk_build_code_lut(a->m_thr, a->m_lut) && qk_build_code_lut(a->v_thr, a->v_lut);
         adam_job job = {.args = a, .blocks = qk_adam8_scalar};
 #ifdef QCKPT_HAVE_X86
         if (isa == QCKPT_ISA_AVX512) job.blocks = qk_adam8_avx512;

@@ -62,6 +62,25 @@ static inline __m512i codes16(__m512 x, const search_tables *t) {
     return level_step(idx, _mm512_mask_blend_ps(hi6, lo, hi), x, 1);
 }
 
+/* qk_code_lut for 16 lanes: one gather from the bucket table and one compare. */
+static inline __m512i codes16_lut(__m512 x, const uint32_t *lut) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 neg = _mm512_cmplt_epi32_mask(bits, _mm512_setzero_si512());
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7F800000));
+    __m512i key = _mm512_srli_epi32(mag, 16);
+    key = _mm512_min_epu32(_mm512_max_epu32(key, _mm512_set1_epi32(QK_LUT_KEY_MIN)), _mm512_set1_epi32(QK_LUT_KEY_MAX));
+    __m512i idx = _mm512_sub_epi32(key, _mm512_set1_epi32(QK_LUT_KEY_MIN));
+    idx = _mm512_mask_add_epi32(idx, neg, idx, _mm512_set1_epi32(QK_LUT_BUCKETS));
+    const __m512i e = _mm512_i32gather_epi32(idx, (const int *)lut, 4);
+    const __m512i low16 = _mm512_set1_epi32(0xFFFF);
+    const __m512i low = _mm512_and_si512(mag, low16), t = _mm512_and_si512(e, low16);
+    const __mmask16 inc = _mm512_mask_cmpgt_epu32_mask((__mmask16)~neg, low, t) | _mm512_mask_cmplt_epu32_mask(neg, low, t);
+    __m512i code = _mm512_srli_epi32(e, 16);
+    code = _mm512_mask_add_epi32(code, inc, code, _mm512_set1_epi32(1));
+    return _mm512_maskz_mov_epi32((__mmask16)~nan, code);
+}
+
 static inline __m512 load16(const void *x, int32_t dtype, int64_t i, __mmask16 k) {
     switch (dtype) {
     case QCKPT_F32: return _mm512_maskz_loadu_ps(k, (const float *)x + i);
@@ -96,7 +115,8 @@ static inline __mmask16 lanes(int64_t remaining) {
 }
 
 /* Codes for x[0..len) with the block absmax computed as the scalar does (largest |x| bit pattern). */
-static void quantize_block(const float *x, int64_t len, const search_tables *t, uint8_t *codes, float *absmax) {
+static void quantize_block(const float *x, int64_t len, const search_tables *t, const uint32_t *lut, uint8_t *codes,
+                           float *absmax) {
     const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
     __m512i max_bits = _mm512_setzero_si512();
     for (int64_t i = 0; i < len; i += 16) {
@@ -108,7 +128,8 @@ static void quantize_block(const float *x, int64_t len, const search_tables *t, 
     const __m512 r = _mm512_set1_ps(1.0f / amax);
     for (int64_t i = 0; i < len; i += 16) {
         __mmask16 k = lanes(len - i);
-        __m512i c = codes16(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), r), t);
+        __m512 xn = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), r);
+        __m512i c = lut ? codes16_lut(xn, lut) : codes16(xn, t);
         _mm512_mask_cvtepi32_storeu_epi8(codes + i, k, c);
     }
 }
@@ -147,8 +168,8 @@ void qk_adam8_avx512(const qk_adam_args *a, int64_t b0, int64_t b1) {
             _mm512_mask_storeu_ps(mbuf + i, mask, m);
             _mm512_mask_storeu_ps(vbuf + i, mask, v);
         }
-        quantize_block(mbuf, len, &mt, a->m_codes + start, &a->m_absmax[b]);
-        quantize_block(vbuf, len, &vt, a->v_codes + start, &a->v_absmax[b]);
+        quantize_block(mbuf, len, &mt, a->use_lut ? a->m_lut : NULL, a->m_codes + start, &a->m_absmax[b]);
+        quantize_block(vbuf, len, &vt, a->use_lut ? a->v_lut : NULL, a->v_codes + start, &a->v_absmax[b]);
     }
 }
 #endif

@@ -1,6 +1,11 @@
 /* parallel.c -- a fork/join over contiguous ranges with pthreads (no pool: calls are coarse enough
  * that thread start-up, ~20 us, is noise). Exec validation and ISA resolution live here too. */
+#define _DEFAULT_SOURCE /* madvise/MADV_HUGEPAGE under -std=c11 */
 #include <pthread.h>
+#include <stdint.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "internal.h"
 
@@ -74,4 +79,20 @@ qckpt_status qckpt_resolve_exec(const qckpt_exec *exec, int32_t *threads, int32_
         return QCKPT_OK;
     default: return qckpt_fail(QCKPT_E_INVALID, "unknown ISA variant %d", exec->isa);
     }
+}
+
+void qk_advise_hugepages(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    /* First-touch page faults of a fresh output cost more than the kernels (4 KiB faults run at ~4 GB/s
+     * here, dequantization at ~40 GB/s). Backing the 2 MiB-aligned interior with transparent huge pages
+     * cuts the faults 512-fold. Only the buffer's own interior is advised; failure is harmless. */
+    const uintptr_t huge = (uintptr_t)1 << 21;
+    if (p == NULL || bytes < (int64_t)(4 * huge)) return;
+    uintptr_t begin = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t end = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+    if (end > begin) (void)madvise((void *)begin, end - begin, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)bytes;
+#endif
 }

@@ -116,6 +116,7 @@ qckpt_status qckpt_quantize_4bit(const void *x, int32_t dtype, int64_t n, int64_
     q4_job job = {.args = &args};
     for (int i = 0; i < QCKPT_MAX_THREADS; i++) job.bad_block[i] = -1;
     pick_variant(isa, &job);
+    qk_advise_hugepages(packed, (n + 1) / 2);
     int64_t nb = qk_ceil_div(n, blocksize);
     if ((st = qckpt_parallel_for(nb, min_blocks(blocksize), threads, quantize_range, &job)) != QCKPT_OK) return st;
     for (int w = 0; w < QCKPT_MAX_THREADS; w++) {
@@ -142,5 +143,6 @@ qckpt_status qckpt_dequantize_4bit(const uint8_t *packed, const float *absmax, i
                        .absmax_in = absmax, .out = out, .out_dtype = out_dtype};
     q4_job job = {.args = &args};
     pick_variant(isa, &job);
+    qk_advise_hugepages(out, n * qk_dtype_size(out_dtype));
     return qckpt_parallel_for(qk_ceil_div(n, blocksize), min_blocks(blocksize), threads, dequantize_range, &job);
 }

@@ -1,0 +1,57 @@
+/* code4.cuh -- NF4/FP4 code selection in one shared-memory lookup per element.
+ *
+ * The reference counts the float32 thresholds strictly below x_n (15 compares for NF4). Here the line is
+ * cut into cells of width 1/32: floor(x_n * 32) is exact (a power-of-two scale), and no cell holds two
+ * thresholds (they are >= 0.08 apart), so the count is the number of thresholds below the cell plus
+ * (x_n > the threshold inside the cell). Same compares on the same float32 values: the same codes,
+ * NaN included (fmaxf maps NaN to the lowest cell, whose compare is false). */
+#ifndef QCKPT_CUDA_CODE4_CUH
+#define QCKPT_CUDA_CODE4_CUH
+
+#include "../common.cuh"
+
+namespace qk {
+
+struct CodeCell {
+    float t;          /* the threshold inside the cell, or +inf */
+    uint32_t codes;   /* code when x_n <= t (bits 0..7), when x_n > t (bits 8..15) */
+};
+
+constexpr int kCodeCells = 64;
+
+/* Cell c of the table for quant_type (thread c of the block calls this). NF4 cells cover [-1, 1)
+ * (cell 32 starts at 0); FP4 cells cover |x_n| in [0, 1) and hold magnitude codes. */
+__device__ inline CodeCell make_code_cell(int c, int quant_type) {
+    const bool nf4 = quant_type == QCKPT_NF4;
+    const int count = nf4 ? 15 : 7;
+    const float *thr = nf4 ? kNF4Thresholds : kFP4Thresholds;
+    const float lo = (float)(c - (nf4 ? 32 : 0)) * 0.03125f, hi = lo + 0.03125f;
+    int below = 0;
+    float inside = __int_as_float(0x7F800000);
+    for (int i = 0; i < count; i++) {
+        below += thr[i] < lo;
+        if (thr[i] >= lo && thr[i] < hi) inside = thr[i];
+    }
+    const int above = below + (inside != __int_as_float(0x7F800000));
+    uint32_t le = nf4 ? below : kFP4BucketCode[below < 8 ? below : 7];
+    uint32_t gt = nf4 ? above : kFP4BucketCode[above < 8 ? above : 7];
+    return CodeCell{inside, le | gt << 8};
+}
+
+__device__ __forceinline__ uint32_t code_nf4(const CodeCell *cells, float xn) {
+    const float v = fminf(fmaxf(__fmul_rn(xn, 32.0f), -32.0f), 31.0f);
+    const CodeCell cell = cells[__float2int_rd(v) + 32];
+    return xn > cell.t ? cell.codes >> 8 : cell.codes & 0xFF;
+}
+
+__device__ __forceinline__ uint32_t code_fp4(const CodeCell *cells, float xn) {
+    const float a = fabsf(xn);
+    const float v = fminf(fmaxf(__fmul_rn(a, 32.0f), 0.0f), 31.0f);
+    const CodeCell cell = cells[__float2int_rd(v)];
+    const uint32_t mag = a > cell.t ? cell.codes >> 8 : cell.codes & 0xFF;
+    return mag | (xn < 0.0f ? 8u : 0u);
+}
+
+}  // namespace qk
+
+#endif

@@ -1,0 +1,161 @@
+/* gemm4.cuh -- fused 4-bit dequantize + matmul for 1..16 activation rows (decode), on the tensor cores.
+ *
+ *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out)
+ *
+ * mma.m16n8k16 takes W as the 16x16 A tile (rows = outputs) and x^T as the 16x8 B tile (columns = batch
+ * rows; 9..16 rows use a second tile). A dot product does not care in which order k is visited, so
+ * logical k of the mma is remapped: lane (g = lane/4, t = lane%4) owns physical k in [32t, 32t + 32) of
+ * a 128-wide step for both operands, and feeds 4 of them per mma. Each lane therefore reads 16
+ * contiguous packed bytes per weight row and 64 contiguous bytes of x: weights are read once, 16 bytes
+ * at a time. Warps of a block split k; their partial sums are added in shared memory in a fixed order
+ * (deterministic). Weights are dequantized like qckpt_dequantize_4bit (float32 LUT * scale, RNE to the
+ * compute dtype). Tested against dequantize + matmul (tests/test_cuda_kernels.py). */
+#ifndef QCKPT_CUDA_GEMM4_CUH
+#define QCKPT_CUDA_GEMM4_CUH
+
+#include "../common.cuh"
+
+namespace qk {
+
+constexpr int kGemmWarps = 8;
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* One lane's operands for one 128-wide k step: x for batch rows nt*8 + g, weights for rows g and g+8
+ * of each 16-row tile. */
+template <int NT, int R>
+struct GemmFrag {
+    uint4 x[NT][4];
+    uint4 w[R][2];
+    float scale[R][2];
+};
+
+template <typename T, int NT, int R>
+__device__ __forceinline__ void gemm_load(GemmFrag<NT, R> &f, const T *__restrict__ x, int batch,
+                                          const uint8_t *__restrict__ packed, const Scales &scales,
+                                          const float *code, int64_t n_out, int64_t k, int log2_bs, int64_t n0,
+                                          int64_t step, int g, int t) {
+    const int64_t kb = step * 128 + 32 * t;
+    const bool kin = kb < k;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int b = nt * 8 + g;
+        const bool ok = kin && b < batch;
+        const uint4 *p = reinterpret_cast<const uint4 *>(x + b * k + kb);
+#pragma unroll
+        for (int q = 0; q < 4; q++) f.x[nt][q] = ok ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t n = n0 + r * 16 + h * 8 + g;
+            if (kin && n < n_out) {
+                const int64_t flat = n * k + kb;
+                f.w[r][h] = __ldg(reinterpret_cast<const uint4 *>(packed + (flat >> 1)));
+                f.scale[r][h] = block_scale(scales, code, flat >> log2_bs);
+            } else { /* zero scale: finite zero weights, and x is zero past k */
+                f.w[r][h] = make_uint4(0, 0, 0, 0);
+                f.scale[r][h] = 0.0f;
+            }
+        }
+}
+
+template <typename T, int NT, int R>
+__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const float *lut, float (&acc)[R][NT][4]) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t a[4];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *bytes = reinterpret_cast<const uint8_t *>(&f.w[r][h]);
+                const uint32_t b0 = bytes[2 * j], b1 = bytes[2 * j + 1];
+                const float s = f.scale[r][h];
+                a[h] = pack2<T>(__fmul_rn(lut[b0 >> 4], s), __fmul_rn(lut[b0 & 15], s));
+                a[2 + h] = pack2<T>(__fmul_rn(lut[b1 >> 4], s), __fmul_rn(lut[b1 & 15], s));
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const uint32_t *xw = reinterpret_cast<const uint32_t *>(f.x[nt]);
+                mma16816<T>(acc[r][nt], a, xw[2 * j], xw[2 * j + 1]);
+            }
+        }
+    }
+}
+
+template <typename T, int NT, int R>
+__global__ void __launch_bounds__(kGemmWarps * 32) gemm_4bit_kernel(const T *__restrict__ x, int batch,
+                                                                    const uint8_t *__restrict__ packed, Scales scales,
+                                                                    int64_t n_out, int64_t k, int log2_bs,
+                                                                    int quant_type, T *__restrict__ y) {
+    __shared__ float lut[16];
+    __shared__ float code[256];
+    __shared__ float red[kGemmWarps][R][NT][4][32];
+    if (threadIdx.x < 16) lut[threadIdx.x] = (quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut)[threadIdx.x];
+    if (!scales.absmax)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
+    __syncthreads();
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int64_t n0 = int64_t(blockIdx.x) * 16 * R, steps = ceil_div(k, 128);
+    float acc[R][NT][4];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[r][nt][q] = 0.0f;
+
+    /* software pipeline: the next step's loads are in flight while this step computes */
+    GemmFrag<NT, R> cur, nxt;
+    if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
+    for (int64_t s = warp; s < steps; s += kGemmWarps) {
+        if (s + kGemmWarps < steps)
+            gemm_load<T, NT, R>(nxt, x, batch, packed, scales, code, n_out, k, log2_bs, n0, s + kGemmWarps, g, t);
+        gemm_compute<T, NT, R>(cur, lut, acc);
+        cur = nxt;
+    }
+
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) red[warp][r][nt][q][lane] = acc[r][nt][q];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < R * NT * 4 * 32; idx += blockDim.x) {
+        const int ln = idx & 31, q = (idx >> 5) & 3, nt = (idx >> 7) % NT, r = (idx >> 7) / NT;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kGemmWarps; w++) sum = __fadd_rn(sum, red[w][r][nt][q][ln]);
+        const int64_t row = n0 + r * 16 + (ln >> 2) + (q >= 2 ? 8 : 0);
+        const int col = nt * 8 + 2 * (ln & 3) + (q & 1);
+        if (row < n_out && col < batch) y[int64_t(col) * n_out + row] = from_f32<T>(sum);
+    }
+}
+
+}  // namespace qk
+
+#endif

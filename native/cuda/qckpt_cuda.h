@@ -1,0 +1,93 @@
+/* qckpt_cuda.h -- the C ABI of the CUDA extension (converter._native_cuda, built from native/cuda by nvcc).
+ *
+ * Conventions are qckpt.h's: every function returns a qckpt_status (QCKPT_OK is 0) and never prints or
+ * exits; qckpt_cuda_last_error() holds the calling thread's message; sizes are int64_t. In addition:
+ *   - data pointers are device memory; `stream` (the last parameter) is a cudaStream_t, typed void * so
+ *     that this header needs no CUDA header (pass torch.cuda.current_stream().cuda_stream);
+ *   - launches are asynchronous: a status covers argument checks and the launch itself;
+ *   - NaN/inf found in data to be quantized is recorded on the device in a workspace (first flat index)
+ *     and comes back as QCKPT_E_NONFINITE from qckpt_cuda_read_report(), which synchronizes the stream;
+ *   - the bytes are those of the CPU library (converter/formats/reference.py): IEEE float32 with no
+ *     contraction, reciprocals rounded once, strict compares against the same float32 thresholds.
+ */
+#ifndef QCKPT_CUDA_H
+#define QCKPT_CUDA_H
+
+#include <stdint.h>
+
+#include "qckpt.h" /* qckpt_status, qckpt_dtype, qckpt_quant4 */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* int64 words of a workspace: [0] first non-finite flat index (all ones: none), [1] float32 bits of the
+ * last exact mean, [2] a completion counter, [3..258] per-exponent sums of the exact mean. */
+enum { QCKPT_CUDA_WORKSPACE_WORDS = 259 };
+
+/* Block scales of a 4-bit weight: plain float32 (absmax != NULL), or double-quantized
+ * (absmax == NULL): scale[b] = code[codes[b]] * absmax2[b / blocksize2] + offset, two float32 roundings. */
+typedef struct {
+    const float *absmax;
+    const uint8_t *codes;
+    const float *absmax2;
+    const float *code; /* 256 entries */
+    float offset;
+    int64_t blocksize2; /* a power of two */
+} qckpt_cuda_scales;
+
+const char *qckpt_cuda_last_error(void);
+
+/* Ready a workspace for a new quantization (no non-finite seen, sums zero). */
+qckpt_status qckpt_cuda_workspace_reset(int64_t *workspace, void *stream);
+
+/* Synchronize `stream`, then read the workspace: *bad_index (-1 when none) and *mean. Returns
+ * QCKPT_E_NONFINITE when a quantize call on this workspace met NaN or inf. */
+qckpt_status qckpt_cuda_read_report(const int64_t *workspace, int64_t *bad_index, float *mean, void *stream);
+
+/* qckpt_quantize_4bit on the device: x (n elements of `dtype`) -> packed (ceil(n/2)), absmax (ceil(n/bs)).
+ * x must be 16-byte aligned and packed 4-byte aligned. */
+qckpt_status qckpt_cuda_quantize_4bit(const void *x, int32_t dtype, int64_t n, int64_t blocksize, int32_t quant_type,
+                                      uint8_t *packed, float *absmax, int64_t *workspace, void *stream);
+
+/* Exact float32 mean of n non-negative finite values (summed exactly, rounded once, ties to even: as
+ * reference.exact_mean_f32), written to the workspace's mean word. n < 2^39. */
+qckpt_status qckpt_cuda_exact_mean(const float *values, int64_t n, int64_t *workspace, void *stream);
+
+/* qckpt_quantize_blockwise8 on the device. center != 0 first subtracts the workspace's mean from every
+ * x (one float32 subtraction): the double quantization of absmax. code must be strictly increasing. */
+qckpt_status qckpt_cuda_quantize_blockwise8(const float *x, int64_t n, int64_t blocksize, const float *code,
+                                            int32_t center, uint8_t *codes, float *absmax, int64_t *workspace,
+                                            void *stream);
+
+/* out[i] = code[codes[i]] * absmax[i / blocksize] + offset (float32, two roundings). */
+qckpt_status qckpt_cuda_dequantize_blockwise8(const uint8_t *codes, const float *absmax, int64_t n, int64_t blocksize,
+                                              const float *code, float offset, float *out, void *stream);
+
+/* qckpt_dequantize_4bit on the device, with plain or double-quantized scales. */
+qckpt_status qckpt_cuda_dequantize_4bit(const uint8_t *packed, const qckpt_cuda_scales *scales, int64_t n,
+                                        int64_t blocksize, int32_t quant_type, void *out, int32_t out_dtype,
+                                        void *stream);
+
+/* qckpt_quantize_int8_rowwise on the device: x (rows, cols) -> q (rows, cols), scb (rows). */
+qckpt_status qckpt_cuda_quantize_int8_rowwise(const void *x, int32_t dtype, int64_t rows, int64_t cols, int8_t *q,
+                                              float *scb, int64_t *workspace, void *stream);
+
+/* out[r, c] = cast<out_dtype>((q[r, c] * scb[r]) * (1/127 as float32)). */
+qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *scb, int64_t rows, int64_t cols,
+                                                void *out, int32_t out_dtype, void *stream);
+
+/* Fused 4-bit dequantize + matmul for small batches (decode):
+ *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out), x and y in `dtype` (QCKPT_BF16 or QCKPT_F16).
+ * Weights are dequantized to float32 as qckpt_dequantize_4bit does, rounded to `dtype`, and multiplied on
+ * the tensor cores with float32 accumulation. Needs 1 <= batch <= 16, k % 32 == 0, 16-byte aligned x and
+ * packed. Returns QCKPT_E_UNSUPPORTED for shapes outside that (callers fall back to dequantize + GEMM). */
+qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
+                                  const qckpt_cuda_scales *scales, int64_t n_out, int64_t k, int64_t blocksize,
+                                  int32_t quant_type, void *y, void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QCKPT_CUDA_H */

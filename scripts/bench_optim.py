@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Benchmark: AdamW8bit (converter.optim) vs torch.optim.AdamW (foreach, fused) vs bitsandbytes AdamW8bit.
+
+Step time and optimizer-state memory over a synthetic parameter set (default 100M parameters: 24 matrices
+4096x1024 plus 48 vectors of 1024, fp32, random gradients), all measured in this run on this machine.
+Goal (issue 6): no slower than torch AdamW per step, with <= 1/3.5 of its state memory.
+
+    python scripts/bench_optim.py                    # 100M parameters, 3 timed steps each
+    python scripts/bench_optim.py --millions 25      # a smaller set
+    python scripts/bench_optim.py --curve            # also the 200-step stories260K loss curves
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from converter.optim import AdamW8bit, state_nbytes  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+
+
+def make_params(millions: float, gen: torch.Generator):
+    rows = max(1, round(millions * 1e6 / (24 * 1024) / 1.0))  # 24 matrices (rows x 1024) ~= millions * 1e6
+    params = [torch.nn.Parameter(torch.randn(rows, 1024, generator=gen) * 0.02) for _ in range(24)]
+    params += [torch.nn.Parameter(torch.ones(1024)) for _ in range(48)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+    return params
+
+
+def candidates():
+    out = [
+        ("qckpt AdamW8bit", lambda ps: AdamW8bit(ps)),
+        ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+    ]
+    try:
+        import bitsandbytes as bnb
+
+        out.append((f"bitsandbytes {bnb.__version__} AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps)))
+    except Exception as exc:  # noqa: BLE001 - the oracle is optional here
+        print(f"(bitsandbytes not usable: {exc})")
+    return out
+
+
+def bench_steps(args):
+    gen = torch.Generator().manual_seed(0)
+    params = make_params(args.millions, gen)
+    n = sum(p.numel() for p in params)
+    print(f"# optimizer step on {n / 1e6:.1f}M fp32 parameters ({len(params)} tensors), torch threads "
+          f"{torch.get_num_threads()}, QCKPT_THREADS={os.environ.get('QCKPT_THREADS', '(all cores)')}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs")
+    rows = []
+    for name, make in candidates():
+        try:
+            opt = make(params)
+            opt.step()  # creates the state; not timed
+            times = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                opt.step()
+                times.append(time.perf_counter() - t0)
+            rows.append((name, statistics.median(times), state_nbytes(opt)))
+        except Exception as exc:  # noqa: BLE001 - report and go on to the next candidate
+            rows.append((name, float("nan"), 0))
+            print(f"{name}: failed: {type(exc).__name__}: {exc}")
+        del opt
+        gc.collect()
+    base_t = next(t for name, t, _ in rows if name == "torch AdamW foreach")
+    base_b = next(b for name, _, b in rows if name == "torch AdamW foreach")
+    print(f"| optimizer | step ms (median of {args.steps}) | vs torch foreach | state MiB | bytes/param | state vs torch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t, b in rows:
+        print(f"| {name} | {t * 1e3:.0f} | {t / base_t:.2f}x | {b / 2**20:.1f} | {b / n:.3f} | 1/{base_b / max(b, 1):.2f} |")
+
+
+def loss_curves(steps=200, seq=32, bs=8):
+    """The 200-step run of issue 6: stories260K architecture from scratch, default lr 1e-3."""
+    import transformers
+
+    path = os.path.join(DATA, "stories260K")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    with open(os.path.join(DATA, "tinystories_val.txt"), encoding="utf-8") as f:
+        ids = tok(f.read()[:100000], return_tensors="pt").input_ids[0]
+    config = transformers.AutoConfig.from_pretrained(path)
+    starts = torch.randint(0, ids.numel() - seq - 1, (steps, bs), generator=torch.Generator().manual_seed(0))
+    curves = {}
+    for name, make in candidates():
+        if "fused" in name:
+            continue  # same arithmetic as foreach up to rounding
+        torch.manual_seed(1)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.train()
+        opt = make(model.parameters())
+        losses = []
+        for row in starts:
+            batch = torch.stack([ids[i:i + seq] for i in row])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves[name] = torch.tensor(losses).unfold(0, 20, 20).mean(1)
+    base = curves["torch AdamW foreach"]
+    print(f"\n# loss, mean of each 20 steps: stories260K config from scratch, {steps} steps, seq {seq}, batch {bs}, lr 1e-3")
+    print("| steps | " + " | ".join(curves) + " |")
+    print("|---|" + "---:|" * len(curves))
+    for i in range(len(base)):
+        print(f"| {20 * i}-{20 * i + 19} | " + " | ".join(f"{c[i]:.4f}" for c in curves.values()) + " |")
+    for name, c in curves.items():
+        print(f"max relative difference to torch AdamW, {name}: {((c - base).abs() / base).max():.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--millions", type=float, default=100.0, help="parameter count in millions (default 100)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per optimizer (default 3)")
+    parser.add_argument("--curve", action="store_true", help="also run the 200-step loss curves")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step-time table")
+    args = parser.parse_args()
+    if not args.no_steps:
+        bench_steps(args)
+    if args.curve:
+        loss_curves()
+
+
+if __name__ == "__main__":
+    main()
