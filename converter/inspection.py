@@ -85,6 +85,17 @@ class Inspection:
             out[key] = list(out[key])
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Inspection":
+        """Inverse of to_dict (derived figures are recomputed, not read)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["groups"] = tuple(TensorGroup(**{k: g[k] for k in ("name", "scheme", "count", "params", "bytes")})
+                                 for g in data["groups"])
+        for key in ("quant_types", "blocksizes", "quantized_modules", "unquantized_tensors", "layers", "shards"):
+            values[key] = tuple(values[key])
+        return cls(**values)
+
 
 class LocalRepo:
     """A converted folder on disk, read the way the Hub view is: listing, small files, headers."""

@@ -36,7 +36,6 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-_ERROR_CHUNK = 1 << 24  # elements per chunk when measuring quantization error (bounds the temporaries)
 
 
 def parse_size(value) -> int:
@@ -163,20 +162,40 @@ def _write_text(path: str, text: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _error_stats(qt, weight: torch.Tensor) -> tuple[float, float]:
-    """(relative Frobenius error, max abs error) of the dequantized weight, in float64 sums over chunks."""
+def _error_stats(qt, weight: torch.Tensor, scratch) -> tuple[float, float]:
+    """(relative Frobenius error, max abs error) of the dequantized weight.
+
+    Whole-tensor ops into reused float32 scratch buffers: fresh full-size temporaries cost more in page
+    faults than the arithmetic, and small chunked ops pay a thread-pool sync each (slow on busy machines)."""
     restored = qt.dequantize(torch.float32).reshape(-1)
-    ref = weight.reshape(-1)
-    err2 = ref2 = 0.0
-    max_abs = 0.0
-    for i in range(0, ref.numel(), _ERROR_CHUNK):
-        r = ref[i:i + _ERROR_CHUNK].to(restored.device, torch.float32)
-        d = restored[i:i + _ERROR_CHUNK] - r
-        err2 += float(torch.dot(d, d))
-        ref2 += float(torch.dot(r, r))
-        max_abs = max(max_abs, float(d.abs().max()))
+    with _single_threaded_torch():
+        return _compare(restored, weight, scratch)
+
+
+class _single_threaded_torch:
+    """These passes are memory-bound: torch's intra-op pool adds a thread sync per op and no speed (and
+    stalls badly on a busy machine), so run them on one thread and restore the caller's setting after."""
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def _compare(restored, weight, scratch) -> tuple[float, float]:
+    n = restored.numel()
+    ref = scratch(0, n, restored.device)
+    diff = scratch(1, n, restored.device)
+    ref.copy_(weight.reshape(-1))
+    torch.sub(restored, ref, out=diff)
+    del restored
+    err2 = float(torch.dot(diff, diff))
+    ref2 = float(torch.dot(ref, ref))
+    lo, hi = torch.aminmax(diff)
     rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
-    return rel, max_abs
+    return rel, max(-float(lo), float(hi))
 
 
 class _Run:
@@ -190,6 +209,14 @@ class _Run:
         self.threads = threads
         self.progress = progress
         self.timings = {"read_s": 0.0, "quantize_s": 0.0, "error_s": 0.0, "write_s": 0.0}
+        self._scratch = {}  # slot -> float32 buffer, grown to the largest quantized tensor
+
+    def scratch(self, slot: int, numel: int, device) -> torch.Tensor:
+        buf = self._scratch.get(slot)
+        if buf is None or buf.numel() < numel or buf.device != torch.device(device):
+            buf = self._scratch[slot] = None
+            buf = self._scratch[slot] = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf[:numel]
 
     def process_tensor(self, reader: SafetensorsFile, tp: TensorPlan, writer: ShardWriter) -> TensorStat:
         s = self.settings
@@ -210,7 +237,7 @@ class _Run:
                       name=f"{reader.where}: tensor {tp.name}")
         t2 = time.perf_counter()
         self.timings["quantize_s"] += t2 - t1
-        rel, max_abs = _error_stats(qt, weight)
+        rel, max_abs = _error_stats(qt, weight, self.scratch)
         t3 = time.perf_counter()
         self.timings["error_s"] += t3 - t2
         after = 0

@@ -54,20 +54,25 @@ def _hub_errors(repo_id: str, what: str):
         yield
     except (HubError, SourceNotFoundError):
         raise
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - classified below; anything else re-raises unchanged
         # huggingface_hub wraps a failed LFS upload in RuntimeError("Error while uploading ..."): report the
-        # HTTP error underneath, which says why
+        # error underneath, which says why
+        chain = []
         cause = exc
-        while cause is not None and not isinstance(cause, HfHubHTTPError):
+        while cause is not None and len(chain) < 10:
+            chain.append(cause)
             cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            status = getattr(getattr(cause, "response", None), "status_code", None)
-            text = str(cause).strip()
-            first = text.splitlines()[0] if text else type(cause).__name__
+        http = next((c for c in chain if isinstance(c, HfHubHTTPError)), None)
+        if http is not None:
+            status = getattr(getattr(http, "response", None), "status_code", None)
+            text = str(http).strip()
+            first = text.splitlines()[0] if text else type(http).__name__
             raise HubError(f"{repo_id}: {what} failed{f' (HTTP {status})' if status else ''}: {first}") from exc
-        if isinstance(exc, RuntimeError) and exc.__cause__ is None:
+        root = chain[-1]
+        transport = type(root).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore", "h11")
+        if not (transport or isinstance(root, (OSError, ValueError))):
             raise  # a bug, not a Hub failure
-        raise HubError(f"{repo_id}: {what} failed: {type(exc).__name__}: {' '.join(str(exc).split())}") from exc
+        raise HubError(f"{repo_id}: {what} failed: {type(root).__name__}: {' '.join(str(root).split())}") from exc
 
 
 def _api(token, endpoint):

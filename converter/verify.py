@@ -453,7 +453,11 @@ def _check_record(name: str, record: dict, modules: dict, location: dict, opened
         if isinstance(shape, list) and tuple(shape) != tuple(qt.shape):
             findings.add(name, f"quant state shape {list(qt.shape)} but {REPORT_FILE} records {shape}")
     elif name in location and isinstance(shape, list):
-        stored = list(opened.shape(name))
+        try:
+            stored = list(opened.shape(name))
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a broken file
+            findings.add(name, f"unreadable: {exc}")
+            return
         if stored != shape:
             findings.add(name, f"shape {stored}, {REPORT_FILE} records {shape}")
 

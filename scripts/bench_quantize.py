@@ -156,8 +156,8 @@ def bench_shape(shape, repeat: int, with_bnb: bool, with_reference: bool, worker
     return rows, bw, t_dq_only
 
 
-def fmt(x, digits=2):
-    return "-" if x is None else f"{x:.{digits}f}"
+def fmt(x, digits=2, suffix=""):
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
 
 
 def main(argv=None) -> int:
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             ratio_bnb = None if r["bnb"] is None else r["ours"] / r["bnb"]
             ratio_ref = None if r["ref"] is None else r["ours"] / r["ref"]
             print(f"| {r['op']} | {fmt(r['ours'])} | {fmt(r['ms'], 1)} | {fmt(r['bnb'], 3)} | {fmt(r['ref'], 3)} | "
-                  f"{fmt(ratio_bnb, 1)}x | {fmt(ratio_ref, 0)}x | {fmt(r['ceiling'], 1)} |".replace("| -x |", "| - |"))
+                  f"{fmt(ratio_bnb, 1, 'x')} | {fmt(ratio_ref, 0, 'x')} | {fmt(r['ceiling'], 1)} |")
     return 0
 
 

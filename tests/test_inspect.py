@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from checkpoint_factory import HIDDEN, INTER, LAYERS, build_converted, source_tensors
 from converter.cli import main
-from converter.inspection import inspect
+from converter.inspection import Inspection, inspect
 from converter.verify import verify
 from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
 from fakehub.server import _BUILTIN
@@ -99,6 +99,7 @@ def test_local_description(folder):
     assert insp.provenance["source"] == "test/source-model" and insp.provenance["tool_version"] == "test"
     assert 0 < insp.errors["rel_error_mean"] <= insp.errors["rel_error_max"] < 0.2
     assert [layer["layer"] for layer in insp.layers] == list(range(LAYERS))
+    assert Inspection.from_dict(json.loads(json.dumps(insp.to_dict()))) == insp
 
 
 def test_hub_repo_reads_only_headers(fake_hub, folder):

@@ -52,6 +52,7 @@ def _assert_same(expected, got):
     assert not problems, "; ".join(problems)
 
 
+# 4097 and below: binary-search code selection; 70001: the bucket table (>= 16384 elements per call).
 @pytest.mark.parametrize("n", [1, 255, 257, 4097, 70001])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_8bit_step_matches_reference(n, param_dtype, gen, cpu_isas, awkward):
@@ -100,16 +101,20 @@ def test_exact_midpoint_ties_go_to_even_code(cpu_isas):
     """With beta1 = 0 the new first moment is the gradient itself; gradients placed exactly on map
     midpoints (block absmax 1.0) must pick the even code, as in qckpt_quantize_blockwise8."""
     mids = ((M_MAP[:-1] + M_MAP[1:]) * 0.5)
-    g = torch.cat([mids, torch.tensor([1.0])])  # 256 values, absmax 1.0, x * (1/1) == x
+    block = torch.cat([mids, torch.tensor([1.0])])  # 256 values, absmax 1.0, x * (1/1) == x
     s = _scalars(betas=(0.0, 0.999))
-    n = g.numel()
-    state = (torch.full((n,), 127, dtype=torch.uint8), torch.zeros(1), torch.zeros(n, dtype=torch.uint8), torch.zeros(1))
-    for isa in cpu_isas:
-        expected, got = _run_both(torch.zeros(n), g, state, s, isa, 1)
-        _assert_same(expected, got)
-        codes = got[1][:255].long()
-        ties_up = torch.arange(255) + torch.arange(255) % 2  # tie between i and i+1 -> the even one
-        assert torch.equal(codes, ties_up)
+    ties_up = torch.arange(255) + torch.arange(255) % 2  # tie between i and i+1 -> the even one
+    # 1 block takes the binary-search path of the kernel, 80 blocks (>= 16384 elements) the bucket table.
+    for blocks in (1, 80):
+        g = block.repeat(blocks)
+        n = g.numel()
+        state = (torch.full((n,), 127, dtype=torch.uint8), torch.zeros(blocks), torch.zeros(n, dtype=torch.uint8),
+                 torch.zeros(blocks))
+        for isa in cpu_isas:
+            expected, got = _run_both(torch.zeros(n), g, state, s, isa, 2)
+            _assert_same(expected, got)
+            codes = got[1].view(blocks, 256)[:, :255].long()
+            assert torch.equal(codes, ties_up.expand(blocks, 255))
 
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -163,3 +168,20 @@ def test_kernel_refuses_bad_arguments(gen):
     bad_map[10] = bad_map[9]
     with pytest.raises(QuantizationInputError, match="second-moment code map is not strictly increasing"):
         optim_cpu.adamw8bit_step(p, g, mc, ma, M_MAP, vc, va, bad_map, s)
+
+
+def test_code_selection_over_all_magnitudes(gen, cpu_isas):
+    """With beta1 = beta2 = 0 the new moments are g and g*g; g drawn uniformly over float32 bit patterns
+    in [-1, 1] (every binade, subnormals, signed zeros), one 1.0 per block so x_n is exact: codes equal the
+    reference on both kernel paths (binary search for 1 block, bucket table for 100 blocks)."""
+    for blocks in (1, 100):
+        n = 256 * blocks
+        bits = torch.randint(0, 0x3F800001, (n,), generator=gen, dtype=torch.int64)
+        sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64) << 31
+        g = (bits | sign).to(torch.int64).to(torch.int32).view(torch.float32).clone()
+        g[::256] = 1.0
+        s = _scalars(betas=(0.0, 0.0))
+        state = (torch.full((n,), 127, dtype=torch.uint8), torch.zeros(blocks), torch.zeros(n, dtype=torch.uint8),
+                 torch.zeros(blocks))
+        for isa in cpu_isas:
+            _assert_same(*_run_both(torch.zeros(n), g, state, s, isa, 2))

@@ -19,7 +19,7 @@ def _digest(model):
             if "proj" in name}
 
 
-def _batch(seq=64, rows=4):
+def _batch(seq=48, rows=2):
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(STORIES)

@@ -14,6 +14,13 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _versus(insp) -> str:
+    if not insp.tensor_bytes or not insp.fp16_bytes:
+        return "n/a"
+    ratio = insp.fp16_bytes / insp.tensor_bytes
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+
+
 def _settings_line(insp) -> str:
     q = insp.quantization
     if not q:
@@ -46,8 +53,7 @@ def render(insp) -> str:
         f"{len(insp.unquantized_tensors)} tensors kept unquantized ({', '.join(kept[:6])}"
         f"{', ...' if len(kept) > 6 else ''})",
         f"size         {_size(insp.tensor_bytes)} of tensors in {len(insp.shards)} shard(s) "
-        f"({_size(insp.file_bytes)} on disk); fp16 would be {_size(insp.fp16_bytes)} "
-        f"({insp.fp16_bytes / insp.tensor_bytes if insp.tensor_bytes else 0:.2f}x larger)",
+        f"({_size(insp.file_bytes)} on disk); fp16 would be {_size(insp.fp16_bytes)} ({_versus(insp)})",
         f"bits/param   {insp.bits_per_param:.3f} over {insp.params:,} parameters"
         + ("" if insp.params_exact else " (4-bit counts derived from packed sizes)"),
     ]

@@ -1,27 +1,277 @@
-"""CUDA path. Until the CUDA extension lands, the reference arithmetic runs with torch ops on the GPU."""
+"""CUDA path: the cffi binding of converter._native_cuda (native/cuda/qckpt_cuda.h), loaded on first use.
+
+Nothing here touches CUDA at import. Kernels run on torch's current stream of the tensor's device and
+produce the CPU library's bytes. When the extension is not built (no nvcc at install time), every
+function still works: quantization runs on the CPU library and the result moves to the GPU (same bytes),
+dequantization and matmul use torch ops.
+
+Runtime entry point (converter/runtime): `gemm_4bit(x, weight, bias, workspace=...)`:
+    x (..., K) bf16/fp16/fp32 on the GPU @ dequant(W (N, K))^T (+ bias) -> (..., N) in x.dtype.
+    1..16 rows of bf16/fp16 with K % 32 == 0 take the fused kernel (weights read once, 4 bits each);
+    anything else dequantizes W into `workspace` (a reusable CUDA tensor of >= N*K elements of x.dtype,
+    or None to allocate) and calls torch.matmul (cuBLAS).
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 
-from ..errors import QuantizationInputError
-from ..formats import reference as ref
+from ..errors import NativeError, NativeUnavailableError, QuantizationInputError
+from ..formats import codebooks as cb
 from ..formats.codebooks import QuantType
 from ..tensor import NestedAbsmax, QuantizedTensor
 
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_QUANT4 = {QuantType.NF4: 0, QuantType.FP4: 1}
+_E_INPUT = (1, 2)  # QCKPT_E_INVALID, QCKPT_E_NONFINITE: the caller's data is at fault
+_E_NONFINITE = 2
+FUSED_MAX_ROWS = 16  # the fused kernel's batch limit (qckpt_cuda_gemm_4bit)
 
-def quantize(tensor, quant_type, blocksize, double_quant, *, name=""):
-    # Arithmetic defined on CPU tensors; run it there so the bytes are the reference's, then move back.
-    from . import quantize as cpu_quantize
 
-    qt = cpu_quantize(tensor.cpu(), quant_type, blocksize, double_quant, device="cpu", name=name)
-    return qt.to(tensor.device)
+@functools.cache
+def load():
+    """(ffi, lib) of the compiled CUDA extension; raises NativeUnavailableError with the cause chained."""
+    try:
+        from .. import _native_cuda
+    except ImportError as exc:
+        raise NativeUnavailableError(
+            "the CUDA extension converter._native_cuda is not built; build it with "
+            f"`python native/ffi/build_cuda.py` where nvcc is installed ({exc})"
+        ) from exc
+    return _native_cuda.ffi, _native_cuda.lib
 
+
+def available() -> bool:
+    """Whether the CUDA extension is built (it does not say whether a GPU is present)."""
+    try:
+        load()
+    except NativeUnavailableError:
+        return False
+    return True
+
+
+# ----- plumbing -----
+
+def _check(status: int, name: str = "") -> None:
+    if status == 0:
+        return
+    ffi, lib = load()
+    message = ffi.string(lib.qckpt_cuda_last_error()).decode("utf-8", "replace")
+    where = f"{name}: " if name else ""
+    if status in _E_INPUT:
+        raise QuantizationInputError(where + message)
+    raise NativeError(f"{where}{message} (status {status})")
+
+
+def _ptr(tensor: torch.Tensor | None, ctype: str = "void *"):
+    ffi, _ = load()
+    return ffi.NULL if tensor is None else ffi.cast(ctype, tensor.data_ptr())
+
+
+def _stream(device: torch.device):
+    ffi, _ = load()
+    return ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
+
+
+def _device_contiguous(tensor: torch.Tensor, device: torch.device, align: int = 16) -> torch.Tensor:
+    """Contiguous on `device`, data 16-byte aligned (a misaligned view is copied, never modified)."""
+    out = tensor.detach().to(device).contiguous()
+    if out.data_ptr() % align:
+        out = out.clone()
+    return out
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    if dtype not in _DTYPES:
+        raise QuantizationInputError(f"unsupported dtype {dtype} (expected float32, float16 or bfloat16)")
+    return _DTYPES[dtype]
+
+
+def new_workspace(device) -> torch.Tensor:
+    """Device scratch of one quantize call (non-finite index, exact mean); reused across calls is fine."""
+    _, lib = load()
+    return torch.empty(lib.QCKPT_CUDA_WORKSPACE_WORDS, dtype=torch.int64, device=device)
+
+
+def nested_code(device) -> torch.Tensor:
+    """The signed dynamic map of double quantization, on `device`."""
+    return torch.tensor(cb.dynamic_map_signed(), dtype=torch.float32).to(device)
+
+
+def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: str = "") -> float:
+    """Wait for the stream, raise QuantizationInputError on NaN/inf (naming which and where), and return
+    the exact mean the call computed (the double-quant offset)."""
+    ffi, lib = load()
+    bad = ffi.new("int64_t *")
+    mean = ffi.new("float *")
+    with torch.cuda.device(workspace.device):
+        status = lib.qckpt_cuda_read_report(_ptr(workspace, "int64_t *"), bad, mean, _stream(workspace.device))
+    if status == _E_NONFINITE and source is not None:
+        value = float(source.reshape(-1)[bad[0]])
+        where = f"{name}: " if name else ""
+        raise QuantizationInputError(f"{where}{'NaN' if value != value else 'inf'} at flat index {bad[0]}")
+    _check(status, name)
+    return float(mean[0])
+
+
+def _scales(absmax: torch.Tensor | None, nested: NestedAbsmax | None):
+    """The qckpt_cuda_scales struct (the tensors must stay alive while the call runs)."""
+    ffi, _ = load()
+    s = ffi.new("qckpt_cuda_scales *")
+    if nested is None:
+        s.absmax = _ptr(absmax, "float *")
+    else:
+        s.absmax = ffi.NULL
+        s.codes = _ptr(nested.codes, "uint8_t *")
+        s.absmax2 = _ptr(nested.absmax, "float *")
+        s.code = _ptr(nested.code, "float *")
+        s.offset = nested.offset
+        s.blocksize2 = nested.blocksize
+    return s
+
+
+def _nested_on(nested: NestedAbsmax, device) -> NestedAbsmax:
+    import dataclasses
+
+    return dataclasses.replace(
+        nested,
+        codes=nested.codes.to(device).contiguous(),
+        absmax=nested.absmax.to(device=device, dtype=torch.float32).contiguous(),
+        code=nested.code.to(device=device, dtype=torch.float32).contiguous(),
+    )
+
+
+# ----- quantize (asynchronous launches; finish() reports) -----
+
+def quantize_4bit(x: torch.Tensor, quant_type: QuantType, blocksize: int, *, double_quant: bool,
+                  workspace: torch.Tensor, code: torch.Tensor | None = None, name: str = ""):
+    """Launch the 4-bit quantization of a contiguous, 16-byte aligned CUDA tensor; no synchronization.
+
+    Returns (packed uint8 ((n+1)//2, 1), absmax float32 (nb,), nested codes uint8 (nb,) or None,
+    nested absmax float32 or None). The double-quant offset is in `workspace`: finish() returns it.
+    """
+    _, lib = load()
+    device = x.device
+    n = x.numel()
+    nb = -(-n // blocksize)
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    absmax = torch.empty((nb,), dtype=torch.float32, device=device)
+    stream = _stream(device)
+    ws = _ptr(workspace, "int64_t *")
+    _check(lib.qckpt_cuda_workspace_reset(ws, stream), name)
+    _check(lib.qckpt_cuda_quantize_4bit(_ptr(x), _dtype_code(x.dtype), n, blocksize, _QUANT4[quant_type],
+                                        _ptr(packed, "uint8_t *"), _ptr(absmax, "float *"), ws, stream), name)
+    if not double_quant:
+        return packed, absmax, None, None
+    code = nested_code(device) if code is None else code
+    codes = torch.empty((nb,), dtype=torch.uint8, device=device)
+    absmax2 = torch.empty((-(-nb // cb.NESTED_BLOCKSIZE),), dtype=torch.float32, device=device)
+    _check(lib.qckpt_cuda_exact_mean(_ptr(absmax, "float *"), nb, ws, stream), name)
+    _check(lib.qckpt_cuda_quantize_blockwise8(_ptr(absmax, "float *"), nb, cb.NESTED_BLOCKSIZE,
+                                              _ptr(code, "float *"), 1, _ptr(codes, "uint8_t *"),
+                                              _ptr(absmax2, "float *"), ws, stream), name)
+    return packed, absmax, codes, absmax2
+
+
+def quantize(tensor: torch.Tensor, quant_type: QuantType, blocksize: int, double_quant: bool, *, name: str = ""):
+    """QuantizedTensor of a CUDA tensor, computed on its device; the same bytes as the CPU library."""
+    if not available():
+        from . import quantize as dispatch_quantize
+
+        qt = dispatch_quantize(tensor.cpu(), quant_type, blocksize, double_quant, device="cpu", name=name)
+        return qt.to(tensor.device)
+    device = tensor.device
+    with torch.cuda.device(device):
+        x = _device_contiguous(tensor, device)
+        workspace = new_workspace(device)
+        if quant_type is QuantType.INT8:
+            return _quantize_int8(x, tensor, workspace, name)
+        code = nested_code(device) if double_quant else None
+        packed, absmax, codes, absmax2 = quantize_4bit(
+            x, quant_type, blocksize, double_quant=double_quant, workspace=workspace, code=code, name=name
+        )
+        offset = finish(workspace, x, name)
+    nested = None
+    if double_quant:
+        nested = NestedAbsmax(codes=codes, absmax=absmax2, offset=offset, code=code)
+        absmax = None
+    return QuantizedTensor(
+        quant_type, tuple(tensor.shape), tensor.dtype, packed, blocksize=blocksize, absmax=absmax, nested=nested
+    )
+
+
+def _quantize_int8(x, tensor, workspace, name):
+    _, lib = load()
+    rows = x.shape[0]
+    cols = x.numel() // max(1, rows)
+    q = torch.empty(tuple(x.shape), dtype=torch.int8, device=x.device)
+    scb = torch.empty((rows,), dtype=torch.float32, device=x.device)
+    stream = _stream(x.device)
+    ws = _ptr(workspace, "int64_t *")
+    _check(lib.qckpt_cuda_workspace_reset(ws, stream), name)
+    _check(lib.qckpt_cuda_quantize_int8_rowwise(_ptr(x), _dtype_code(x.dtype), rows, cols, _ptr(q, "int8_t *"),
+                                                _ptr(scb, "float *"), ws, stream), name)
+    finish(workspace, x, name)
+    return QuantizedTensor(QuantType.INT8, tuple(tensor.shape), tensor.dtype, q, scb=scb)
+
+
+# ----- dequantize -----
 
 def dequantize_absmax(nested: NestedAbsmax) -> torch.Tensor:
-    return ref.dequantize_absmax(nested.codes.long(), nested.absmax, nested.offset, nested.blocksize, nested.code)
+    """float32 block scales of a double-quantized weight: code[q] * absmax2[i // 256] + offset."""
+    device = nested.codes.device
+    if not available():
+        from ..formats import reference as ref
+
+        return ref.dequantize_absmax(nested.codes.long(), nested.absmax, nested.offset, nested.blocksize, nested.code)
+    _, lib = load()
+    with torch.cuda.device(device):
+        nested = _nested_on(nested, device)
+        n = nested.codes.numel()
+        out = torch.empty((n,), dtype=torch.float32, device=device)
+        _check(lib.qckpt_cuda_dequantize_blockwise8(
+            _ptr(nested.codes, "uint8_t *"), _ptr(nested.absmax, "float *"), n, nested.blocksize,
+            _ptr(nested.code, "float *"), nested.offset, _ptr(out, "float *"), _stream(device)))
+    return out
 
 
-def dequantize(qt: QuantizedTensor, dtype) -> torch.Tensor:
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense values of `qt` in `dtype` on its device; written into `out` (contiguous, qt.numel elements
+    of dtype) when given, e.g. a reused buffer."""
+    device = qt.device
+    if not available():
+        result = _dequantize_torch(qt, dtype)
+        return result if out is None else out.view(qt.shape).copy_(result)
+    _, lib = load()
+    with torch.cuda.device(device):
+        if out is None:
+            out = torch.empty(qt.shape, dtype=dtype, device=device)
+        elif out.dtype != dtype or out.numel() != qt.numel or not out.is_contiguous() or out.device != device:
+            raise QuantizationInputError(f"out must be a contiguous {dtype} tensor of {qt.numel} elements on {device}")
+        out = out.view(qt.shape)
+        stream = _stream(device)
+        if qt.quant_type is QuantType.INT8:
+            data = qt.data.contiguous()
+            scb = qt.scb.to(device=device, dtype=torch.float32).contiguous()
+            rows = data.shape[0]
+            _check(lib.qckpt_cuda_dequantize_int8_rowwise(_ptr(data, "int8_t *"), _ptr(scb, "float *"), rows,
+                                                          data.numel() // max(1, rows), _ptr(out),
+                                                          _dtype_code(dtype), stream))
+            return out
+        packed = qt.data.reshape(-1).contiguous()
+        nested = None if qt.nested is None else _nested_on(qt.nested, device)
+        absmax = None if qt.absmax is None else qt.absmax.to(device=device, dtype=torch.float32).contiguous()
+        scales = _scales(absmax, nested)
+        _check(lib.qckpt_cuda_dequantize_4bit(_ptr(packed, "uint8_t *"), scales, qt.numel, qt.blocksize,
+                                              _QUANT4[qt.quant_type], _ptr(out), _dtype_code(dtype), stream))
+    return out
+
+
+def _dequantize_torch(qt: QuantizedTensor, dtype) -> torch.Tensor:
+    """Reference arithmetic in torch ops on the GPU (used only when the extension is not built)."""
+    from ..formats import reference as ref
+
     if qt.quant_type is QuantType.INT8:
         return ref.dequantize_int8_rowwise(qt.data, qt.scb, dtype)
     absmax = dequantize_absmax(qt.nested) if qt.nested is not None else qt.absmax
@@ -29,6 +279,56 @@ def dequantize(qt: QuantizedTensor, dtype) -> torch.Tensor:
     codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[: qt.numel].long()
     lut = ref.lut_4bit(qt.quant_type).to(packed.device)
     scales = absmax.to(torch.float32).repeat_interleave(qt.blocksize)[: qt.numel]
-    if scales.numel() != qt.numel:
-        raise QuantizationInputError("absmax does not cover the tensor")
     return (lut[codes] * scales).to(dtype).reshape(qt.shape)
+
+
+# ----- 4-bit matmul -----
+
+def fused_supported(rows: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether gemv_4bit takes these activations (else gemm_4bit dequantizes and calls cuBLAS)."""
+    return 1 <= rows <= FUSED_MAX_ROWS and k % 32 == 0 and dtype in (torch.bfloat16, torch.float16)
+
+
+def gemv_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
+    """Fused dequantize + matmul for decode: x (rows, K) bf16/fp16, rows <= 16 @ dequant(W (N, K))^T
+    -> (rows, N) in x.dtype. Weights are read once (4 bits each), products on the tensor cores with
+    float32 accumulation; no synchronization."""
+    _, lib = load()
+    n_out, k = weight.shape
+    device = x.device
+    x = _device_contiguous(x.reshape(-1, k), device)
+    rows = x.shape[0]
+    if not fused_supported(rows, k, x.dtype):
+        raise QuantizationInputError(f"fused 4-bit matmul needs 1..{FUSED_MAX_ROWS} bf16/fp16 rows and "
+                                     f"K % 32 == 0, got {rows} rows of {x.dtype}, K={k}")
+    packed = weight.data.reshape(-1)
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    y = torch.empty((rows, n_out), dtype=x.dtype, device=device)
+    scales = _scales(weight.absmax, weight.nested)
+    with torch.cuda.device(device):
+        _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, _ptr(packed, "uint8_t *"), scales,
+                                        n_out, k, weight.blocksize, _QUANT4[weight.quant_type], _ptr(y),
+                                        _stream(device)))
+    return y
+
+
+def gemm_4bit(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | None = None, *,
+              workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ dequant(W (N, K))^T + bias -> (..., N) in x.dtype, on x's CUDA device.
+
+    `weight` is a 4-bit QuantizedTensor on that device. Decode-sized inputs take gemv_4bit; larger ones
+    dequantize W into `workspace` (flat CUDA tensor of x.dtype with >= N*K elements; None allocates)
+    and multiply with cuBLAS. `bias` is added in x.dtype.
+    """
+    n_out, k = weight.shape
+    rows = x.numel() // k if k else 0
+    if available() and fused_supported(rows, k, x.dtype):
+        y = gemv_4bit(x, weight)
+    else:
+        out = None if workspace is None else workspace.reshape(-1)[: n_out * k]
+        w = dequantize(weight, x.dtype, out=out) if available() else _dequantize_torch(weight, x.dtype)
+        y = torch.matmul(x.reshape(rows, k), w.t())
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], n_out)

@@ -69,6 +69,7 @@ class AdamW8bit(torch.optim.Optimizer):
             if group.get("amsgrad"):
                 raise OptimizerError(f"param group {gi}: AdamW8bit does not support amsgrad=True")
             beta1, beta2 = group["betas"]
+            scalars_by_step = {}  # parameters of a group are usually on the same step: compute once
             for pi, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
@@ -78,11 +79,13 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not state:
                     _init_state(param, state, group["min_8bit_size"])
                 state["step"] += 1
-                scalars = AdamWScalars.for_step(
-                    lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], step=int(state["step"].item()), maximize=group["maximize"],
-                )
-                self._update(param, grad, state, scalars, name)
+                step = int(state["step"].item())
+                if step not in scalars_by_step:
+                    scalars_by_step[step] = AdamWScalars.for_step(
+                        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+                    )
+                self._update(param, grad, state, scalars_by_step[step], name)
         return loss
 
     def _checked_grad(self, param, name):

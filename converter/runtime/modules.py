@@ -85,6 +85,11 @@ class _QuantizedLinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         ours = {k: v for k, v in state_dict.items() if k.startswith(prefix) and self._owns(k[len(prefix):])}
+        if not ours:  # a partial state dict (e.g. peft loading adapters only): report, keep what we hold
+            missing_keys.append(prefix + "weight")
+            if self.bias is not None and prefix + "bias" not in state_dict:
+                missing_keys.append(prefix + "bias")
+            return
         try:
             qt = from_bnb_state_dict(ours, prefix)
         except StateDictError as exc:

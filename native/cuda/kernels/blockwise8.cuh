@@ -29,6 +29,9 @@ __global__ void __launch_bounds__(256) quantize_blockwise8_kernel(const float *_
     __shared__ float mids[255];
     __shared__ uint32_t scratch[8];
     for (int i = threadIdx.x; i < 255; i += blockDim.x) mids[i] = __fmul_rn(__fadd_rn(code[i], code[i + 1]), 0.5f);
+    /* Double quant after a non-finite 4-bit block: absmax holds unwritten blocks, and the error must name
+     * the input's index, not one of these. */
+    if (center && ws[kWsBad] != kNoBadIndex) return;
     const float offset = center ? __uint_as_float((uint32_t)ws[kWsMean]) : 0.0f;
     __syncthreads();
     const int64_t nb = ceil_div(n, bs);

@@ -1,0 +1,247 @@
+"""CUDA kernels (converter.kernels.cuda) against the CPU library: the same bytes for every quantize and
+dequantize, on random inputs of awkward sizes; the fused 4-bit matmul within tolerance of dequantize +
+float64 matmul. Skipped without a GPU or without the built extension (scripts/gpu_check.sh runs them)."""
+import pytest
+import torch
+
+import converter
+from converter.errors import QuantizationInputError
+from converter.formats import codebooks as cb
+from converter.formats import reference as ref
+from converter.formats.codebooks import QuantType
+from converter.kernels import cpu
+from converter.kernels import cuda as kcuda
+
+pytestmark = pytest.mark.cuda
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+if not kcuda.available():
+    pytest.skip("CUDA extension not built (python native/ffi/build_cuda.py)", allow_module_level=True)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+QUANT4 = [QuantType.NF4, QuantType.FP4]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality on the CPU (torch.equal treats -0.0 == 0.0 and NaN != NaN)."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        a, b = a.view(view), b.view(view)
+    return torch.equal(a, b)
+
+
+def where_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    a, b = a.detach().cpu().reshape(-1), b.detach().cpu().reshape(-1)
+    if a.shape != b.shape:
+        return f"shapes {list(a.shape)} vs {list(b.shape)}"
+    if a.is_floating_point():
+        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
+        a, b = a.view(view), b.view(view)
+    idx = (a != b).nonzero()
+    return f"{idx.numel()} differ, first at {int(idx[0])}: {a[idx[0]].item()} vs {b[idx[0]].item()}" if idx.numel() else ""
+
+
+def tricky_weight(n: int, blocksize: int, dtype, gen) -> torch.Tensor:
+    """Gaussian blocks at scales from 2^-130 to 2^100, outliers, an all-zero block, -0.0, and elements
+    that land exactly on (and one ulp beside) every NF4/FP4 threshold after normalization."""
+    flat = torch.randn(n, generator=gen)
+    nb = -(-n // blocksize)
+    lo, hi = (-14, 6) if dtype is torch.float16 else (-20, 20)  # fp16 overflows past 65504
+    scale = torch.exp2(torch.randint(lo, hi, (nb,), generator=gen).float())
+    if dtype is torch.float32:
+        scale[torch.rand(nb, generator=gen) < 0.1] = 2.0**-130  # subnormal absmax: reciprocal overflows
+        scale[torch.rand(nb, generator=gen) < 0.05] = 2.0**100
+    flat = flat * scale.repeat_interleave(blocksize)[:n]
+    flat[torch.rand(n, generator=gen) < 0.01] *= 50
+    flat[torch.rand(n, generator=gen) < 0.01] = -0.0
+    if nb >= 3:
+        b = int(torch.randint(0, nb - 1, (1,), generator=gen))
+        flat[b * blocksize:(b + 1) * blocksize] = 0
+        # a block with absmax exactly 1: its elements are the thresholds themselves (x_n == t is a tie)
+        b = (b + 1) % (nb - 1)
+        thr = torch.tensor(cb.NF4_THRESHOLDS + cb.FP4_THRESHOLDS, dtype=torch.float32)
+        ties = torch.cat([torch.ones(1), thr, -thr, torch.nextafter(thr, torch.ones(1)), torch.nextafter(-thr, torch.ones(1))])
+        width = min(blocksize, ties.numel(), n - b * blocksize)
+        flat[b * blocksize:b * blocksize + width] = ties[:width]
+    return flat.to(dtype)
+
+
+def assert_same_qt(got, want, label):
+    assert same_bits(got.data, want.data), f"{label} packed: {where_diff(got.data, want.data)}"
+    if want.nested is not None:
+        assert same_bits(got.nested.codes, want.nested.codes), f"{label} nested codes: {where_diff(got.nested.codes, want.nested.codes)}"
+        assert same_bits(got.nested.absmax, want.nested.absmax), f"{label} nested absmax"
+        assert same_bits(torch.tensor(got.nested.offset), torch.tensor(want.nested.offset)), f"{label} offset"
+    elif want.absmax is not None:
+        assert same_bits(got.absmax, want.absmax), f"{label} absmax: {where_diff(got.absmax, want.absmax)}"
+    if want.scb is not None:
+        assert same_bits(got.scb, want.scb), f"{label} scb: {where_diff(got.scb, want.scb)}"
+
+
+@pytest.mark.parametrize("quant_type", QUANT4)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_4bit_same_bytes_as_cpu(quant_type, dtype, gen):
+    """converter.quantize on a CUDA tensor gives the CPU library's bytes for every blocksize, odd sizes,
+    partial blocks, zero blocks, subnormal scales and exact threshold ties, with and without double quant."""
+    for blocksize in cb.BLOCKSIZES_4BIT:
+        n = int(torch.randint(1, 6 * blocksize, (1,), generator=gen)) | 1  # odd: padded last nibble
+        for shape in ((n,), (7, 4 * blocksize + 3)):
+            x = tricky_weight(int(torch.tensor(shape).prod()), blocksize, dtype, gen).reshape(shape)
+            for dq in (False, True):
+                want = converter.quantize(x, quant_type, blocksize, dq)
+                got = converter.quantize(x.cuda(), quant_type, blocksize, dq)
+                assert got.device.type == "cuda"
+                assert_same_qt(got, want, f"{quant_type.value} {dtype} bs={blocksize} shape={shape} dq={dq}")
+
+
+def test_quantize_4bit_large_same_bytes(gen):
+    """A weight of 3.2M elements (a persistent grid loops many times) matches the CPU bytes."""
+    x = tricky_weight(1792 * 1793, 64, torch.bfloat16, gen).reshape(1792, 1793)
+    for quant_type in QUANT4:
+        want = converter.quantize(x, quant_type, 64, True)
+        got = converter.quantize(x.cuda(), quant_type, 64, True)
+        assert_same_qt(got, want, f"large {quant_type.value}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_rowwise_same_bytes_as_cpu(dtype, gen):
+    """Row-wise int8 on the GPU: same codes and SCB as the CPU library, an all-zero row included."""
+    rows, cols = int(torch.randint(1, 300, (1,), generator=gen)), int(torch.randint(1, 3000, (1,), generator=gen))
+    x = (torch.randn(rows, cols, generator=gen) * torch.exp2(torch.randint(-10, 10, (rows, 1), generator=gen).float()))
+    x[rows // 2] = 0
+    x = x.to(dtype)
+    want = converter.quantize(x, "int8")
+    got = converter.quantize(x.cuda(), "int8")
+    assert_same_qt(got, want, f"int8 {dtype} {rows}x{cols}")
+    for out_dtype in DTYPES:
+        assert same_bits(converter.dequantize(got, out_dtype), converter.dequantize(want, out_dtype)), out_dtype
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_input_raises_like_cpu(bad, gen):
+    """NaN/inf in a CUDA tensor raises QuantizationInputError with the CPU's message (the first index)."""
+    x = torch.randn(5000, generator=gen)
+    first = int(torch.randint(0, 4000, (1,), generator=gen))
+    x[first] = bad
+    x[first + 700] = float("nan")
+    for quant_type in ("nf4", "int8"):
+        shaped = x.reshape(50, 100) if quant_type == "int8" else x
+        with pytest.raises(QuantizationInputError) as want:
+            converter.quantize(shaped, quant_type, name="w")
+        with pytest.raises(QuantizationInputError) as got:
+            converter.quantize(shaped.cuda(), quant_type, name="w")
+        assert str(got.value) == str(want.value)
+
+
+def test_blockwise8_and_exact_mean_match_cpu(gen):
+    """The 8-bit blockwise quantizer (awkward blocksizes, exact midpoint ties) and the exact mean equal
+    the CPU library and reference.exact_mean_f32 on values spanning subnormals to 2^100."""
+    _, lib = kcuda.load()
+    code = kcuda.nested_code("cuda")
+    mids = ((code[:-1] + code[1:]) * 0.5).cpu()
+    for blocksize in (1, 7, 256, 1000):
+        n = int(torch.randint(1, 20000, (1,), generator=gen))
+        x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float())
+        # block 0: the midpoints themselves with absmax exactly 1, so x_n hits every tie exactly
+        head = min(n, blocksize)
+        x[:head] = torch.rand(head, generator=gen) * 2 - 1
+        x[: min(head, 255)] = mids[: min(head, 255)]
+        x[head - 1] = 1.0
+        want_codes, want_absmax = cpu.quantize_blockwise8(x, code.cpu(), blocksize)
+        xd = x.cuda()
+        ws = kcuda.new_workspace("cuda")
+        codes = torch.empty(n, dtype=torch.uint8, device="cuda")
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device="cuda")
+        stream = kcuda._stream(xd.device)
+        kcuda._check(lib.qckpt_cuda_workspace_reset(kcuda._ptr(ws, "int64_t *"), stream))
+        kcuda._check(lib.qckpt_cuda_quantize_blockwise8(
+            kcuda._ptr(xd, "float *"), n, blocksize, kcuda._ptr(code, "float *"), 0, kcuda._ptr(codes, "uint8_t *"),
+            kcuda._ptr(absmax, "float *"), kcuda._ptr(ws, "int64_t *"), stream))
+        kcuda.finish(ws)
+        assert same_bits(codes, want_codes), f"bs={blocksize}: {where_diff(codes, want_codes)}"
+        assert same_bits(absmax, want_absmax)
+    for trial in range(8):
+        n = int(torch.randint(1, 200000, (1,), generator=gen))
+        v = torch.rand(n, generator=gen) * torch.exp2(torch.randint(-140, 100, (n,), generator=gen).float())
+        if trial % 2:
+            v = torch.full((n,), float(v[0]))  # every value equal: the mean must be that value exactly
+        ws = kcuda.new_workspace("cuda")
+        vd = v.cuda()
+        stream = kcuda._stream(vd.device)
+        kcuda._check(lib.qckpt_cuda_workspace_reset(kcuda._ptr(ws, "int64_t *"), stream))
+        kcuda._check(lib.qckpt_cuda_exact_mean(kcuda._ptr(vd, "float *"), n, kcuda._ptr(ws, "int64_t *"), stream))
+        got = kcuda.finish(ws)
+        assert same_bits(torch.tensor(got), torch.tensor(ref.exact_mean_f32(v))), (n, got, ref.exact_mean_f32(v))
+
+
+@pytest.mark.parametrize("quant_type", QUANT4)
+def test_dequantize_same_bytes_as_cpu(quant_type, gen):
+    """4-bit dequantize on the GPU (plain and double-quantized scales, every output dtype, odd sizes and
+    misaligned outputs) equals the CPU library bit for bit; so does dequantize_absmax."""
+    for blocksize in (32, 64, 256, 4096):
+        n = int(torch.randint(1, 10 * blocksize, (1,), generator=gen))
+        x = tricky_weight(n, blocksize, torch.float32, gen)
+        for dq in (False, True):
+            cpu_qt = converter.quantize(x, quant_type, blocksize, dq)
+            gpu_qt = cpu_qt.to("cuda")
+            if dq:
+                assert same_bits(gpu_qt.nested.dequantize(), cpu_qt.nested.dequantize())
+            for dtype in DTYPES:
+                want = converter.dequantize(cpu_qt, dtype)
+                got = converter.dequantize(gpu_qt, dtype)
+                assert got.device.type == "cuda"
+                assert same_bits(got, want), f"bs={blocksize} n={n} dq={dq} {dtype}: {where_diff(got, want)}"
+                buf = torch.empty(n + 1, dtype=dtype, device="cuda")[1:]  # misaligned: the scalar path
+                kcuda.dequantize(gpu_qt, dtype, out=buf)
+                assert same_bits(buf, want.reshape(-1))
+
+
+def reference_matmul(x, qt):
+    """float64 product of x with the weight dequantized to x.dtype (what the kernel multiplies)."""
+    w = converter.dequantize(qt.to("cpu"), x.dtype).double()
+    return x.cpu().double() @ w.t()
+
+
+def rel_err(got, want):
+    got = got.cpu().double()
+    assert torch.isfinite(got).all()
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_4bit_fused_matches_reference(dtype, gen):
+    """The fused kernel for 1..16 rows (both batch tiles, both row-tile sizes, plain and nested scales,
+    N not a multiple of 16, K not a multiple of 128) is within bf16/fp16 rounding of dequantize+matmul."""
+    shapes = [(333, 4096 + 96), (4096, 14336 // 4), (8500, 256), (40, 96), (16, 32)]
+    for (n_out, k) in shapes:
+        w = torch.randn(n_out, k, generator=gen) * 0.02
+        for quant_type, dq in ((QuantType.NF4, True), (QuantType.FP4, False)):
+            qt = converter.quantize(w.cuda(), quant_type, 64, dq)
+            for rows in (1, 3, 8, 9, 16):
+                x = torch.randn(rows, k, generator=gen).to(dtype).cuda()
+                y = kcuda.gemm_4bit(x, qt)
+                assert y.shape == (rows, n_out) and y.dtype == dtype
+                err = rel_err(y, reference_matmul(x, qt))
+                assert err < 5e-3, (n_out, k, rows, quant_type, err)
+
+
+def test_gemm_4bit_other_paths_match_reference(gen):
+    """Inputs outside the fused kernel (17+ rows, float32, K % 32 != 0, 3-D activations with a bias)
+    take dequantize + cuBLAS, into a caller's workspace when given, and stay within tolerance."""
+    cases = [(64, 512, 17, torch.bfloat16), (96, 200, 4, torch.bfloat16), (128, 256, 5, torch.float32)]
+    for n_out, k, rows, dtype in cases:
+        qt = converter.quantize((torch.randn(n_out, k, generator=gen) * 0.05).cuda(), "nf4", 64, True)
+        x = torch.randn(rows, k, generator=gen).to(dtype).cuda()
+        ws = torch.empty(n_out * k + 5, dtype=dtype, device="cuda")
+        y = kcuda.gemm_4bit(x, qt, workspace=ws)
+        tol = 1e-5 if dtype is torch.float32 else 1e-2
+        assert rel_err(y, reference_matmul(x, qt)) < tol
+    qt = converter.quantize((torch.randn(48, 64, generator=gen)).cuda(), "nf4", 64, False)
+    x = torch.randn(2, 3, 64, generator=gen).to(torch.bfloat16).cuda()
+    bias = torch.randn(48, generator=gen).cuda()
+    y = kcuda.gemm_4bit(x, qt, bias)
+    want = reference_matmul(x.reshape(6, 64), qt) + bias.cpu().to(torch.bfloat16).double()
+    assert y.shape == (2, 3, 48) and rel_err(y.reshape(6, 48), want) < 1e-2
