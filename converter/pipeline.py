@@ -23,10 +23,11 @@ from . import _version
 from .errors import CheckpointError, OutputExistsError, QuantizationInputError
 from .formats import codebooks as cb
 from .formats.codebooks import QuantType
-from .plan import Plan, TensorPlan, plan_with_config, plan_without_config
+from .plan import TensorPlan, assign_shards, plan_with_config, plan_without_config
 from .report import Report, TensorStat, model_card
 from .shards.index import INDEX_NAME, index_json, shard_name
 from .shards.reader import SafetensorsFile
+from .shards.header import Entry
 from .shards.writer import ShardWriter
 
 STAGING = ".qckpt-partial"
@@ -36,6 +37,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+_ERROR_CHUNK = 1 << 20  # elements per error-measuring pass: 4 MB scratch buffers, no full-size temporaries
 
 
 def parse_size(value) -> int:
@@ -83,35 +85,6 @@ def _check_settings(quant, blocksize, double_quant, compute_dtype, skip, max_sha
     return Settings(qtype.value, int(blocksize), bool(double_quant), compute_dtype, skip, parse_size(max_shard_size))
 
 
-def _predicted_bytes(tp: TensorPlan, s: Settings) -> int:
-    """Output bytes of one source tensor, from its shape (the quant-state JSON is estimated)."""
-    if not tp.quantize:
-        return tp.info.nbytes
-    numel = tp.info.numel
-    if s.quant == "int8":
-        return numel + 4 * tp.info.shape[0] + 1
-    nb = -(-numel // s.blocksize)
-    total = (numel + 1) // 2 + 16 * 4 + 200
-    if s.double_quant:
-        total += nb + 4 * -(-nb // cb.NESTED_BLOCKSIZE) + 256 * 4
-    else:
-        total += 4 * nb
-    return total
-
-
-def _assign_shards(plan: Plan, s: Settings) -> list:
-    """Output shard index per plan tensor: greedy in processing order, a new shard when the next tensor
-    would overflow max_shard_size (a single bigger tensor gets a shard of its own)."""
-    out, current, used = [], 0, 0
-    for tp in plan.tensors:
-        size = _predicted_bytes(tp, s)
-        if used and used + size > s.max_shard_size:
-            current, used = current + 1, 0
-        out.append(current)
-        used += size
-    return out
-
-
 def _prepare_output(output: str, source_path: str | None, *, overwrite: bool, resume: bool) -> str:
     output = os.path.abspath(output)
     if source_path is not None:
@@ -125,12 +98,8 @@ def _prepare_output(output: str, source_path: str | None, *, overwrite: bool, re
         if resume:
             pass
         elif overwrite:
-            for entry in os.listdir(output):
-                full = os.path.join(output, entry)
-                if os.path.isdir(full) and not os.path.islink(full):
-                    shutil.rmtree(full)
-                else:
-                    os.unlink(full)
+            # old files stay until the new conversion is complete (_publish replaces them)
+            shutil.rmtree(os.path.join(output, STAGING), ignore_errors=True)
         else:
             raise OutputExistsError(f"{output}: folder exists and is not empty (use --overwrite or --resume)")
     os.makedirs(os.path.join(output, STAGING), exist_ok=True)
@@ -142,6 +111,8 @@ def _resolve_device(device) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise QuantizationInputError(f"unsupported device {device!r} (expected auto, cpu or cuda)")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise QuantizationInputError(f"device {device!r} requested but no CUDA device is available")
     return str(device)
 
 
@@ -165,8 +136,8 @@ def _write_text(path: str, text: str) -> str:
 def _error_stats(qt, weight: torch.Tensor, scratch) -> tuple[float, float]:
     """(relative Frobenius error, max abs error) of the dequantized weight.
 
-    Whole-tensor ops into reused float32 scratch buffers: fresh full-size temporaries cost more in page
-    faults than the arithmetic, and small chunked ops pay a thread-pool sync each (slow on busy machines)."""
+    Chunked ops into reused float32 scratch buffers: fresh full-size temporaries cost more in page faults
+    than the arithmetic and would double the memory held for the largest weight."""
     restored = qt.dequantize(torch.float32).reshape(-1)
     with _single_threaded_torch():
         return _compare(restored, weight, scratch)
@@ -186,16 +157,23 @@ class _single_threaded_torch:
 
 def _compare(restored, weight, scratch) -> tuple[float, float]:
     n = restored.numel()
-    ref = scratch(0, n, restored.device)
-    diff = scratch(1, n, restored.device)
-    ref.copy_(weight.reshape(-1))
-    torch.sub(restored, ref, out=diff)
-    del restored
-    err2 = float(torch.dot(diff, diff))
-    ref2 = float(torch.dot(ref, ref))
-    lo, hi = torch.aminmax(diff)
+    size = min(n, _ERROR_CHUNK)
+    ref = scratch(0, size, restored.device)
+    diff = scratch(1, size, restored.device)
+    flat = weight.reshape(-1)
+    err2 = ref2 = 0.0
+    lo = hi = 0.0
+    for i in range(0, n, size):
+        m = min(size, n - i)
+        r, d = ref[:m], diff[:m]
+        r.copy_(flat[i:i + m])
+        torch.sub(restored[i:i + m], r, out=d)
+        err2 += float(torch.dot(d, d))
+        ref2 += float(torch.dot(r, r))
+        mn, mx = torch.aminmax(d)
+        lo, hi = min(lo, float(mn)), max(hi, float(mx))
     rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
-    return rel, max(-float(lo), float(hi))
+    return rel, max(-lo, hi)
 
 
 class _Run:
@@ -221,14 +199,15 @@ class _Run:
     def process_tensor(self, reader: SafetensorsFile, tp: TensorPlan, writer: ShardWriter) -> TensorStat:
         s = self.settings
         t0 = time.perf_counter()
+        if not tp.quantize:  # streamed in chunks: an embedding never sits in memory whole
+            writer.add_stream(Entry(tp.name, tp.info.dtype, tp.info.shape), lambda write: reader.copy_raw(tp.name, write))
+            self.timings["write_s"] += time.perf_counter() - t0
+            return TensorStat(tp.name, tp.info.shape, tp.info.dtype, "copy", tp.info.nbytes, tp.info.nbytes)
+        from .tensor import quantize
+
         tensor = reader.read(tp.name)
         t1 = time.perf_counter()
         self.timings["read_s"] += t1 - t0
-        if not tp.quantize:
-            writer.add(tp.name, tensor)
-            self.timings["write_s"] += time.perf_counter() - t1
-            return TensorStat(tp.name, tp.info.shape, tp.info.dtype, "copy", tp.info.nbytes, tp.info.nbytes)
-        from .tensor import quantize
 
         weight = tensor.t().contiguous() if tp.transpose else tensor
         del tensor
@@ -308,6 +287,14 @@ def _load_progress(staging: str, fingerprint: str, n_out: int) -> dict:
     return done
 
 
+def _drop_stale_shards(staging: str, done: dict) -> None:
+    """Shards in staging that this run will not reuse (another plan, or not re-checked) must not be published."""
+    keep = {entry["file"] for entry in done.values()}
+    for entry in os.listdir(staging):
+        if entry.endswith(".safetensors") and entry not in keep:
+            os.unlink(os.path.join(staging, entry))
+
+
 def _save_progress(staging: str, fingerprint: str, done: dict) -> None:
     _write_text(os.path.join(staging, PROGRESS),
                 json.dumps({"fingerprint": fingerprint, "shards": {str(k): v for k, v in sorted(done.items())}}))
@@ -363,11 +350,13 @@ def convert(
             plan = plan_with_config(infos, src.config_dir, settings.skip)
         else:
             plan = plan_without_config(infos, settings.skip)
-        assignment = _assign_shards(plan, settings)
+        assignment = assign_shards(plan, settings.quant, settings.blocksize, settings.double_quant,
+                                   settings.max_shard_size)
         n_out = assignment[-1] + 1
         run.timings["plan_s"] = time.perf_counter() - t0
         fingerprint = _fingerprint(src, infos, settings, assignment)
         done = _load_progress(run.staging, fingerprint, n_out) if resume else {}
+        _drop_stale_shards(run.staging, done)
         stats = _convert_shards(run, src, plan, assignment, n_out, done, fingerprint)
         report = _finish(run, src, plan, settings, stats, done, n_out, infos, start)
     except BaseException:
@@ -490,6 +479,14 @@ def _publish(staging: str, output: str) -> None:
     progress = os.path.join(staging, PROGRESS)
     if os.path.exists(progress):
         os.unlink(progress)
+    for entry in os.listdir(output):  # --overwrite: what was there before goes only now
+        full = os.path.join(output, entry)
+        if entry == STAGING:
+            continue
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        else:
+            os.unlink(full)
     entries = sorted(os.listdir(staging), key=lambda e: (e == "config.json", e))
     for entry in entries:
         if entry.startswith(".") and entry.endswith(".tmp"):

@@ -153,3 +153,34 @@ def plan_without_config(infos: list, skip_globs=()) -> Plan:
         )
         tensors.append(TensorPlan(info.name, shard, info, quantize))
     return Plan(tuple(tensors), None, None)
+
+
+def predicted_bytes(tp: TensorPlan, quant: str, blocksize: int, double_quant: bool) -> int:
+    """Output bytes of one source tensor, from its shape (the quant-state JSON is estimated)."""
+    from .formats.codebooks import NESTED_BLOCKSIZE
+
+    if not tp.quantize:
+        return tp.info.nbytes
+    numel = tp.info.numel
+    if quant == "int8":
+        return numel + 4 * tp.info.shape[0] + 1
+    nb = -(-numel // blocksize)
+    total = (numel + 1) // 2 + 16 * 4 + 200
+    if double_quant:
+        total += nb + 4 * -(-nb // NESTED_BLOCKSIZE) + 256 * 4
+    else:
+        total += 4 * nb
+    return total
+
+
+def assign_shards(plan: Plan, quant: str, blocksize: int, double_quant: bool, max_shard_size: int) -> list:
+    """Output shard index per plan tensor: greedy in processing order, a new shard when the next tensor
+    would overflow max_shard_size (a single bigger tensor gets a shard of its own)."""
+    out, current, used = [], 0, 0
+    for tp in plan.tensors:
+        size = predicted_bytes(tp, quant, blocksize, double_quant)
+        if used and used + size > max_shard_size:
+            current, used = current + 1, 0
+        out.append(current)
+        used += size
+    return out

@@ -36,9 +36,9 @@ def make_params(millions: float, gen: torch.Generator):
     return params
 
 
-def candidates():
+def candidates(threads=None):
     out = [
-        ("qckpt AdamW8bit", lambda ps: AdamW8bit(ps)),
+        ("qckpt AdamW8bit", lambda ps: AdamW8bit(ps, threads=threads)),
         ("torch AdamW default", lambda ps: torch.optim.AdamW(ps)),  # on CPU: the per-tensor for-loop
         ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
         ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
@@ -52,15 +52,28 @@ def candidates():
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def bench_steps(args):
     gen = torch.Generator().manual_seed(0)
     params = make_params(args.millions, gen)
     n = sum(p.numel() for p in params)
-    print(f"# optimizer step on {n / 1e6:.1f}M fp32 parameters ({len(params)} tensors), torch threads "
-          f"{torch.get_num_threads()}, QCKPT_THREADS={os.environ.get('QCKPT_THREADS', '(all cores)')}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs")
+    from converter.kernels import cpu
+
+    print(f"# optimizer step on {n / 1e6:.1f}M fp32 parameters ({len(params)} tensors), threads: torch "
+          f"{torch.get_num_threads()}, qckpt {args.threads or 'all cores'}; native ISA {cpu.best_isa()}; "
+          f"{_cpu_name()}, {os.cpu_count()} logical CPUs, load average {os.getloadavg()[0]:.1f}")
     rows = []
-    for name, make in candidates():
+    for name, make in candidates(args.threads):
         try:
             opt = make(params)
             opt.step()  # creates the state; not timed
@@ -87,6 +100,7 @@ def loss_curves(steps=200, seq=32, bs=8):
     """The 200-step run of issue 6: stories260K architecture from scratch, default lr 1e-3."""
     import transformers
 
+    torch.set_num_threads(1)  # a tiny model: one thread is faster than two contended ones
     path = os.path.join(DATA, "stories260K")
     tok = transformers.AutoTokenizer.from_pretrained(path)
     with open(os.path.join(DATA, "tinystories_val.txt"), encoding="utf-8") as f:
@@ -126,7 +140,11 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per optimizer (default 3)")
     parser.add_argument("--curve", action="store_true", help="also run the 200-step loss curves")
     parser.add_argument("--no-steps", action="store_true", help="skip the step-time table")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every optimizer (torch.set_num_threads and AdamW8bit threads=)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.no_steps:
         bench_steps(args)
     if args.curve:

@@ -115,7 +115,10 @@ def main(argv=None) -> int:
     parser.add_argument("text")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--max-stories", type=int, default=None, help="evaluate on the first N stories only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
 

@@ -202,3 +202,10 @@ def test_json_summary_on_stdout(tmp_path, llama_dir):
                         "--json", "--quiet"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["quant"] == "nf4"
+
+
+def test_cuda_without_a_device_is_an_input_error(tmp_path, llama_dir):
+    """--device cuda on a machine without CUDA is one error line, not a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    _assert_error(_run(llama_dir, tmp_path / "out", "--device", "cuda"), "no CUDA device")

@@ -171,7 +171,8 @@ def test_fp4_and_int8_load_and_run(tmp_path, quant, seed):
     with torch.no_grad():
         got, want = model(ids).logits.float(), base(ids).logits.float()
     assert torch.isfinite(got).all()
-    assert (got - want).abs().max() < 0.2 * want.abs().max() + 0.05
+    # random-init logits are small and noise-like: FP4 moves them ~20% (measured 0.17-0.23), INT8 ~1%
+    assert float((got - want).norm() / want.norm()) < (0.4 if quant == "fp4" else 0.1)
     if quant == "int8":
         ref = _bnb_reference(src, tmp_path / "ref", AutoModelForCausalLM, quant="int8", dtype=torch.float16)
         _compare_checkpoints(tmp_path / "ours", ref, double_quant=False)  # fp16 input: bit-equal (FORMAT.md 0)

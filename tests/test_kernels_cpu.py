@@ -290,3 +290,28 @@ def test_gemm_4bit_matches_dequantized_matmul(quant_type, cpu_isas, gen):
         y = cpu.gemm_4bit(x, packed, absmax, n_out, k, 64, quant_type, isa=isa)
         assert y.shape == (batch, n_out)
         assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-4), isa
+
+
+def test_large_outputs_with_huge_page_hint_are_exact(gen):
+    """Outputs >= 8 MiB take the huge-page path (madvise before first touch): values still equal the
+    reference, and equal a dequantize into a caller's pre-faulted out= buffer."""
+    shape = (2048, 2305)  # 4.7M elements: 9.4 MB of bf16 output, odd numel, blocks straddle rows
+    w = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    packed, absmax = cpu.quantize_4bit(w, QuantType.NF4, 64)
+    out = cpu.dequantize_4bit(packed, absmax, QuantType.NF4, 64, shape, torch.bfloat16)
+    want = ref.dequantize_4bit(packed, absmax, QuantType.NF4, 64, shape, torch.bfloat16)
+    assert same_bits(out, want), first_diff(out, want)
+    buffer = torch.full(shape, 7.0, dtype=torch.bfloat16)
+    assert cpu.dequantize_4bit(packed, absmax, QuantType.NF4, 64, shape, torch.bfloat16, out=buffer) is buffer
+    assert same_bits(buffer, want)
+    q, scb = cpu.quantize_int8_rowwise(w)
+    assert same_bits(cpu.dequantize_int8_rowwise(q, scb, torch.float32), ref.dequantize_int8_rowwise(q, scb, torch.float32))
+
+
+def test_dequantize_out_buffer_is_validated():
+    """out= must be a contiguous CPU tensor of the requested dtype and element count."""
+    packed, absmax = cpu.quantize_4bit(torch.randn(4, 64), QuantType.NF4, 64)
+    for bad in (torch.empty(4, 64), torch.empty(4, 63, dtype=torch.bfloat16),
+                torch.empty(64, 4, dtype=torch.bfloat16).t()):
+        with pytest.raises(QuantizationInputError, match="out buffer"):
+            cpu.dequantize_4bit(packed, absmax, QuantType.NF4, 64, (4, 64), torch.bfloat16, out=bad)

@@ -151,3 +151,21 @@ def test_single_safetensors_file_without_config(tmp_path, gen):
     report = converter.convert(tmp_path / "w.safetensors", tmp_path / "out", progress=False)
     assert [t.name for t in report.quantized] == ["blocks.0.proj.weight"]
     assert not (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_plan_matches_transformers_replacement_t5(tmp_path):
+    """For T5 (`_keep_in_fp32_modules = ['wo']`, tied lm_head) the quantized set is exactly the set of
+    modules transformers itself turns into Linear4bit when quantizing on load."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_decoder_layers=1, num_heads=4)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    report = converter.convert(tmp_path / "t5", tmp_path / "out", double_quant=False, progress=False)
+    ours = {t.name[: -len(".weight")] for t in report.quantized}
+    ref = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5", quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    theirs = {n for n, m in ref.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert ours == theirs and ours and not any(n.endswith(".wo") for n in ours)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out")
+    assert {n for n, m in loaded.named_modules() if type(m).__name__ == "Linear4bit"} == theirs

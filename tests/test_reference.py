@@ -222,6 +222,17 @@ def test_exact_mean_f32_equals_fraction_mean(kind, gen):
     assert f32_bits(ref.exact_mean_f32(x[torch.randperm(x.numel(), generator=gen)])) == f32_bits(want)
 
 
+def test_exact_mean_f32_over_many_chunks(gen):
+    """Across many internal chunks the sum stays exact: +v and -v of 100k wide-range values cancel exactly,
+    leaving the mean of the constant part, whatever order the halves come in."""
+    v = torch.randn(50001, generator=gen) * torch.exp2(torch.randint(-60, 60, (50001,), generator=gen).float())
+    c = torch.full((7,), 0.1)
+    x = torch.cat([v, c, -v.flip(0)])
+    want = _round_f32(Fraction(f32(0.1)) * 7 / x.numel())
+    assert f32_bits(ref.exact_mean_f32(x)) == f32_bits(want)
+    assert f32_bits(ref.exact_mean_f32(x[torch.randperm(x.numel(), generator=gen)])) == f32_bits(want)
+
+
 def test_exact_mean_f32_can_differ_from_torch_mean():
     """The exact mean is not torch's float32 mean: a sum that cancels exactly is still exact here."""
     x = torch.tensor([1.0e8, 1.0, -1.0e8, 1.0], dtype=torch.float32)

@@ -270,3 +270,18 @@ def test_missing_folder_pieces(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no model.safetensors"):
         converter.load_quantized(tmp_path / "empty")
+
+
+def test_end_to_end_convert_then_load(tmp_path):
+    """`converter.convert` of stories260K (NF4+DQ) loads through our runtime and matches the reference."""
+    pytest.importorskip("converter.pipeline")
+    from runtime_checkpoints import STORIES, stories260k
+
+    out = tmp_path / "nf4"
+    converter.convert(STORIES, out, quant="nf4", double_quant=True, compute_dtype="float32", progress=False)
+    loaded = converter.load_quantized(out)
+    assert isinstance(loaded.model.layers[4].mlp.down_proj, Linear4bit)
+    ref = reference_model(stories260k(), out, torch.float32)
+    ids = torch.tensor([[1, 403, 407, 261, 378, 289, 1, 319]])
+    with torch.no_grad():
+        _assert_logits_close(loaded(ids).logits, ref(ids).logits, torch.float32)

@@ -12,6 +12,15 @@ from runtime_checkpoints import STORIES, TINYSTORIES, write_quantized
 _SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "eval_ppl.py")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The model is tiny: one torch thread is as fast, and avoids spinning OpenMP workers on a shared box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _eval_script():
     spec = importlib.util.spec_from_file_location("eval_ppl", _SCRIPT)
     module = importlib.util.module_from_spec(spec)

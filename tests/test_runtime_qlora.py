@@ -13,6 +13,15 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The model is tiny: one torch thread is as fast, and avoids spinning OpenMP workers on a shared box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _digest(model):
     """sha256 of every quantized buffer (packed codes, absmax, nested state)."""
     return {name: hashlib.sha256(buf.cpu().numpy().tobytes()).hexdigest() for name, buf in model.named_buffers()

@@ -120,3 +120,18 @@ def test_index_rejects_paths_outside_and_missing_shards(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-1.safetensors"}}))
     with pytest.raises(SourceNotFoundError, match="m-1.safetensors"):
         read_index(tmp_path / "model.safetensors.index.json")
+
+
+def test_streamed_pass_through_equals_save_file(tmp_path, gen):
+    """Tensors streamed chunk by chunk from another file (copy_raw -> add_stream) give save_file's bytes."""
+    from converter.shards.header import Entry
+
+    tensors = {"emb.weight": torch.randn(300, 7, generator=gen).to(torch.bfloat16), "b": torch.arange(5)}
+    reference_save(tensors, tmp_path / "src.safetensors", metadata={"format": "pt"})
+    w = ShardWriter(tmp_path / "out.safetensors")
+    with SafetensorsFile(tmp_path / "src.safetensors") as f:
+        for name in f.names():
+            info = f.info(name)
+            w.add_stream(Entry(name, info.dtype, info.shape), lambda write, n=name: f.copy_raw(n, write, chunk=100))
+    w.commit()
+    assert (tmp_path / "out.safetensors").read_bytes() == (tmp_path / "src.safetensors").read_bytes()

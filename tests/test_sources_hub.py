@@ -148,3 +148,20 @@ def test_cached_shards_are_used_in_place_and_kept(fake_hub, files, tmp_path):
     downloads = [p for m, p in fake_hub.log if m == "GET" and p.endswith(shard)]
     assert len(downloads) - n_before == 1  # only the header range read
     assert hashlib.sha256(open(cached, "rb").read()).hexdigest() == hashlib.sha256(files[shard]).hexdigest()
+
+
+def test_route_hook_and_network_guard(fake_hub):
+    """Extra endpoints plug in with add_route; the guard refuses any non-loopback connection."""
+    import socket
+
+    import httpx2
+
+    fake_hub.add_route("POST", r"/api/echo/(?P<word>\w+)", lambda req, m: req.send_json({"echo": m["word"],
+                                                                                         "body": req.read_body().decode()}))
+    r = httpx2.post(fake_hub.url + "/api/echo/hi", content=b"payload")
+    assert r.json() == {"echo": "hi", "body": "payload"}
+    with pytest.raises(ConnectionRefusedError, match="loopback only"):
+        socket.create_connection(("10.255.255.1", 80), timeout=1)
+    from fakehub import guard
+
+    guard._state["violations"].clear()  # the refusal above was this test's own probe

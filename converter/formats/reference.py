@@ -131,7 +131,7 @@ def dequantize_blockwise8(codes, absmax, blocksize: int = cb.NESTED_BLOCKSIZE, c
 # Elements per torch op in exact_mean_f32: below at::internal::GRAIN_SIZE (32768) torch runs an op on the
 # calling thread. On a busy machine torch's intra-op thread pool made the mean of 262k scales take ~200 ms
 # instead of ~1 ms, and this runs once per quantized weight.
-_SERIAL_CHUNK = 16384
+_SERIAL_CHUNK = 32767
 
 
 def exact_mean_f32(values: torch.Tensor) -> float:
@@ -147,10 +147,10 @@ def exact_mean_f32(values: torch.Tensor) -> float:
     for start in range(0, flat.numel(), _SERIAL_CHUNK):
         bits = flat[start:start + _SERIAL_CHUNK].view(torch.int32)
         exponent = (bits >> 23) & 0xFF
-        mantissa = (bits & 0x7FFFFF) + (exponent > 0).to(torch.int32) * 0x800000  # implicit leading 1
-        mantissa = torch.where(bits < 0, -mantissa, mantissa).to(torch.int64)
-        exponent = exponent.clamp_(min=1)  # subnormals scale like e=1
-        bins.index_add_(0, exponent, mantissa)
+        mantissa = (bits & 0x7FFFFF) | ((exponent > 0).to(torch.int32) << 23)  # implicit leading 1
+        sign = bits >> 31  # arithmetic shift: -1 for negative values, else 0
+        mantissa = ((mantissa ^ sign) - sign).to(torch.int64)  # two's-complement negate where negative
+        bins.index_add_(0, exponent.clamp_(min=1), mantissa)  # subnormals scale like e=1
     # value = mantissa * 2**(exponent - 150)
     total = sum(int(c) << int(e) for e, c in enumerate(bins.tolist()) if c)
     return fraction_to_f32(Fraction(total, flat.numel() << 150))

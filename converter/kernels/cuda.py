@@ -99,9 +99,10 @@ def nested_code(device) -> torch.Tensor:
     return torch.tensor(cb.dynamic_map_signed(), dtype=torch.float32).to(device)
 
 
-def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: str = "") -> float:
-    """Wait for the stream, raise QuantizationInputError on NaN/inf (naming which and where), and return
-    the exact mean the call computed (the double-quant offset)."""
+def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: str = "", *, cols: int = 0) -> float:
+    """Wait for the stream, raise QuantizationInputError on NaN/inf (naming which and where, and the row
+    when `cols` is given, as the CPU library does for int8), and return the exact mean the call
+    computed (the double-quant offset)."""
     ffi, lib = load()
     bad = ffi.new("int64_t *")
     mean = ffi.new("float *")
@@ -110,7 +111,8 @@ def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: st
     if status == _E_NONFINITE and source is not None:
         value = float(source.reshape(-1)[bad[0]])
         where = f"{name}: " if name else ""
-        raise QuantizationInputError(f"{where}{'NaN' if value != value else 'inf'} at flat index {bad[0]}")
+        row = f" (row {bad[0] // cols})" if cols else ""
+        raise QuantizationInputError(f"{where}{'NaN' if value != value else 'inf'} at flat index {bad[0]}{row}")
     _check(status, name)
     return float(mean[0])
 
@@ -212,7 +214,7 @@ def _quantize_int8(x, tensor, workspace, name):
     _check(lib.qckpt_cuda_workspace_reset(ws, stream), name)
     _check(lib.qckpt_cuda_quantize_int8_rowwise(_ptr(x), _dtype_code(x.dtype), rows, cols, _ptr(q, "int8_t *"),
                                                 _ptr(scb, "float *"), ws, stream), name)
-    finish(workspace, x, name)
+    finish(workspace, x, name, cols=cols)
     return QuantizedTensor(QuantType.INT8, tuple(tensor.shape), tensor.dtype, q, scb=scb)
 
 

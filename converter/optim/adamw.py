@@ -71,7 +71,7 @@ class AdamW8bit(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             scalars_by_step = {}  # parameters of a group are usually on the same step: compute once
             for pi, param in enumerate(group["params"]):
-                if param.grad is None:
+                if param.grad is None or param.numel() == 0:
                     continue
                 name = _describe(gi, pi, param)
                 grad = self._checked_grad(param, name)

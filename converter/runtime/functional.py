@@ -6,8 +6,8 @@ CPU 4-bit matmul picks one of two paths by the number of activation rows (batch 
   materialises the dense weight (decode is memory bound: reading 4 bits per weight wins);
 - more rows: dequantize into a reused `Workspace` buffer, then torch's matmul (compute bound: a dense
   GEMM amortises one dequantization over many rows).
-The threshold is measured by scripts/bench_matmul.py. Off the CPU, weights are dequantized with the
-kernels dispatch (torch ops on CUDA until the CUDA kernels land) and multiplied by torch.
+The threshold is measured by scripts/bench_matmul.py. On CUDA, `kernels.cuda.gemm_4bit` makes the same
+choice with its own kernels (torch ops when the CUDA extension is not built).
 """
 from __future__ import annotations
 
@@ -35,11 +35,14 @@ class Workspace:
     def __init__(self):
         self._buffers: dict = {}
 
-    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._buffers.get(dtype)
+    def buffer(self, numel: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (device, dtype)
+        buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype)
-            self._buffers[dtype] = buf
+            self._buffers.pop(key, None)  # free the old one before allocating the larger one
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
         return buf[:numel]
 
 
@@ -67,6 +70,11 @@ def matmul_4bit(
     """x (..., K) @ dequant(W (N, K))^T + bias -> (..., N), computed in x.dtype (the compute dtype)."""
     n_out, k = qt.shape
     rows = x.numel() // k if k else 0
+    if x.device.type == "cuda":  # the CUDA kernels pick fused vs dequantize + cuBLAS themselves
+        from ..kernels import cuda
+
+        buf = None if workspace is None else workspace.buffer(qt.numel, x.dtype, x.device)
+        return cuda.gemm_4bit(x, qt, bias, workspace=buf)
     if x.device.type == "cpu" and 0 < rows <= fused_max_rows:
         y = kernels.cpu.gemm_4bit(x.reshape(rows, k), qt.data, qt.block_absmax(), n_out, k, qt.blocksize, qt.quant_type)
         y = y.to(x.dtype)

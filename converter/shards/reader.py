@@ -56,6 +56,20 @@ class SafetensorsFile:
         return buf.view(info.torch_dtype).reshape(info.shape) if info.shape else buf.view(info.torch_dtype).reshape(())
 
 
+    def copy_raw(self, name: str, write, chunk: int = 8 << 20) -> int:
+        """Stream the raw bytes of `name` to write(memoryview) in chunks; memory stays at one chunk."""
+        info = self._infos[name]
+        buf = memoryview(bytearray(max(1, min(chunk, info.nbytes))))
+        done = 0
+        while done < info.nbytes:
+            m = min(len(buf), info.nbytes - done)
+            _preadinto_exact(self._fd, buf[:m], self.header.data_start + info.start + done,
+                             f"{self.where}: tensor {name!r}")
+            write(buf[:m])
+            done += m
+        return done
+
+
 def _pread_exact(fd: int, n: int, offset: int, where: str) -> bytes:
     data = os.pread(fd, n, offset)
     if len(data) != n:

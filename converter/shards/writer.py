@@ -81,6 +81,26 @@ class ShardWriter:
         self._pieces[entry.name] = (entry, self._size)
         self._size += len(view)
 
+    def add_stream(self, entry: Entry, fill) -> None:
+        """Add a tensor whose bytes fill(write) streams in chunks (a pass-through copy of any size)."""
+        if entry.name in self._pieces:
+            raise CheckpointError(f"{self.path}: tensor {entry.name!r} written twice")
+        written = 0
+
+        def write(chunk):
+            nonlocal written
+            try:
+                self._body.write(chunk)
+            except OSError as exc:
+                _raise_disk(exc, self.path)
+            written += len(chunk)
+
+        fill(write)
+        if written != entry.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {entry.name!r} streamed {written} bytes, expected {entry.nbytes}")
+        self._pieces[entry.name] = (entry, self._size)
+        self._size += written
+
     @property
     def names(self) -> list:
         return list(self._pieces)

@@ -15,8 +15,7 @@ def open_source(source, *, revision=None, token=None, work_dir=None, retries=Non
     text = os.fspath(source)
     if os.path.exists(text):
         return LocalSource(text)
-    if (not _REPO_ID.match(text) or text.endswith((".safetensors", ".json", ".bin"))
-            or text.startswith((".", "/", "~")) or os.sep in text.replace("/", "", 1) and os.sep != "/"):
+    if not _REPO_ID.match(text) or text.endswith((".safetensors", ".json", ".bin")):
         raise SourceNotFoundError(f"{text}: no such file or folder (and not a Hub repo id)")
     from .hub import HubSource
 

@@ -183,6 +183,7 @@ class HubSource:
         shards = list(shards)
         if not shards:
             return
+        self._quiet_downloads()
         with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qckpt-prefetch") as pool:
             future = pool.submit(self._fetch, shards[0])
             pending = None
@@ -213,8 +214,21 @@ class HubSource:
                 found.append((name, self._download_small(name)))
         return found
 
+    def _quiet_downloads(self) -> None:
+        """huggingface_hub's own download bars follow our progress setting (restored in close())."""
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+        if not self.progress and not are_progress_bars_disabled():
+            disable_progress_bars()
+            self._reenable_bars = True
+
     def close(self) -> None:
         shutil.rmtree(os.path.join(self.work_dir, "shards"), ignore_errors=True)
+        if getattr(self, "_reenable_bars", False):
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+            self._reenable_bars = False
 
 
 def _sha256(path: str) -> str:

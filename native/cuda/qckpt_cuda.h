@@ -69,7 +69,8 @@ qckpt_status qckpt_cuda_dequantize_4bit(const uint8_t *packed, const qckpt_cuda_
                                         int64_t blocksize, int32_t quant_type, void *out, int32_t out_dtype,
                                         void *stream);
 
-/* qckpt_quantize_int8_rowwise on the device: x (rows, cols) -> q (rows, cols), scb (rows). */
+/* qckpt_quantize_int8_rowwise on the device: x (rows, cols) -> q (rows, cols), scb (rows);
+ * q = rint(x * ((1.0f / scb) * 127.0f)). */
 qckpt_status qckpt_cuda_quantize_int8_rowwise(const void *x, int32_t dtype, int64_t rows, int64_t cols, int8_t *q,
                                               float *scb, int64_t *workspace, void *stream);
 

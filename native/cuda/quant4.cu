@@ -6,10 +6,10 @@ namespace {
 
 template <typename T, int G, int C>
 void launch(const void *x, int64_t n, int quant_type, uint8_t *packed, float *absmax, int64_t *ws, cudaStream_t s) {
-    constexpr int kThreads = 256, kBS = 8 * G * C;
-    const int64_t warps = qk::ceil_div(qk::ceil_div(n, kBS), 32 / G);
+    constexpr int kThreads = 256, kBS = 8 * G * C, kU = C == 1 ? 4 : 1; /* tiles in flight per warp */
+    const int64_t warps = qk::ceil_div(qk::ceil_div(n, kBS), 32 / G * kU);
     const int64_t blocks = std::min<int64_t>(qk::ceil_div(warps, kThreads / 32), int64_t(qk::sm_count()) * 8);
-    qk::quantize_4bit_kernel<T, G, C><<<(unsigned)blocks, kThreads, 0, s>>>(
+    qk::quantize_4bit_kernel<T, G, C, kU><<<(unsigned)blocks, kThreads, 0, s>>>(
         static_cast<const T *>(x), n, quant_type, packed, absmax,
         reinterpret_cast<unsigned long long *>(ws + qk::kWsBad));
 }

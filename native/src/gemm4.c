@@ -1,18 +1,16 @@
 /* gemm4.c -- fused 4-bit dequantize + matmul for small batches (the runtime's CPU decode path).
  * y (batch, n_out) = x (batch, k) @ dequant(W (n_out, k))^T. Each worker owns a range of output rows;
  * a row is dequantized to float32 into a private buffer (exactly as qckpt_dequantize_4bit does), then
- * dotted with every x row while it is hot in L1. Tested against dequantize + torch matmul. */
+ * dotted with every x row while it is hot in L1. The AVX-512 rows (gemm4_avx512.c) take shapes whose
+ * rows split into 32-element chunks inside one block; everything else runs the scalar rows here.
+ * Tested against dequantize + torch matmul (tests/test_runtime_kernels.py). */
 #include <stdlib.h>
 
-#include "internal.h"
+#include "gemm4.h"
 
 typedef struct {
-    const float *x;
-    int64_t batch, n_out, k, blocksize;
-    const uint8_t *packed;
-    const float *absmax;
-    const float *lut;
-    float *y;
+    qk_gemm4_args a;
+    int32_t isa;
     int failed;
 } gemm_job;
 
@@ -27,24 +25,33 @@ static float dot(const float *a, const float *b, int64_t k) {
     return s;
 }
 
-static void gemm_rows(void *ctx, int64_t r0, int64_t r1, int32_t worker) {
-    (void)worker;
-    gemm_job *job = (gemm_job *)ctx;
-    const int64_t k = job->k, bs = job->blocksize;
-    float *w = (float *)malloc((size_t)k * sizeof(float));
-    if (!w) {
-        job->failed = 1;
-        return;
-    }
+static void scalar_rows(const qk_gemm4_args *a, int64_t r0, int64_t r1, float *w) {
+    const int64_t k = a->k, bs = a->blocksize;
     for (int64_t r = r0; r < r1; r++) {
         const int64_t base = r * k;
         for (int64_t c = 0; c < k; c++) {
             int64_t i = base + c;
-            uint8_t byte = job->packed[i >> 1];
-            w[c] = job->lut[(i & 1) ? (byte & 0x0F) : (byte >> 4)] * job->absmax[i / bs];
+            uint8_t byte = a->packed[i >> 1];
+            w[c] = a->lut[(i & 1) ? (byte & 0x0F) : (byte >> 4)] * a->absmax[i / bs];
         }
-        for (int64_t b = 0; b < job->batch; b++) job->y[b * job->n_out + r] = dot(job->x + b * k, w, k);
+        for (int64_t b = 0; b < a->batch; b++) a->y[b * a->n_out + r] = dot(a->x + b * k, w, k);
     }
+}
+
+static void gemm_rows(void *ctx, int64_t r0, int64_t r1, int32_t worker) {
+    (void)worker;
+    gemm_job *job = (gemm_job *)ctx;
+    float *w = (float *)malloc((size_t)job->a.k * sizeof(float));
+    if (!w) {
+        job->failed = 1;
+        return;
+    }
+#ifdef QCKPT_HAVE_X86
+    if (job->isa == QCKPT_ISA_AVX512 && job->a.k % 32 == 0 && job->a.blocksize % 32 == 0)
+        qk_gemm4_rows_avx512(&job->a, r0, r1, w);
+    else
+#endif
+        scalar_rows(&job->a, r0, r1, w);
     free(w);
 }
 
@@ -61,9 +68,12 @@ qckpt_status qckpt_gemm_4bit(const float *x, int64_t batch, const uint8_t *packe
     if (blocksize < 1) return qckpt_fail(QCKPT_E_INVALID, "blocksize must be positive");
     if (quant_type != QCKPT_NF4 && quant_type != QCKPT_FP4)
         return qckpt_fail(QCKPT_E_INVALID, "unknown 4-bit quant type %d", quant_type);
-    gemm_job job = {.x = x, .batch = batch, .n_out = n_out, .k = k, .blocksize = blocksize, .packed = packed,
-                    .absmax = absmax, .lut = quant_type == QCKPT_NF4 ? qk_nf4_lut : qk_fp4_lut, .y = y};
-    st = qckpt_parallel_for(n_out, qk_ceil_div(16384, k), threads, gemm_rows, &job);
+    gemm_job job = {.a = {.x = x, .batch = batch, .n_out = n_out, .k = k, .blocksize = blocksize, .packed = packed,
+                          .absmax = absmax, .lut = quant_type == QCKPT_NF4 ? qk_nf4_lut : qk_fp4_lut, .y = y},
+                    .isa = isa};
+    /* Grain: at least ~64K multiply-adds per worker, so small layers are not split over threads
+     * whose start-up (~20 us) would cost more than the work. */
+    st = qckpt_parallel_for(n_out, qk_ceil_div(65536, k * batch), threads, gemm_rows, &job);
     if (st == QCKPT_OK && job.failed) return qckpt_fail(QCKPT_E_NOMEM, "out of memory for a %lld-float row", (long long)k);
     return st;
 }

@@ -1,7 +1,7 @@
 /* optim8.c -- fused AdamW steps for the 8-bit optimizers (converter/optim): dequantize both moments,
  * update moments and parameter, re-quantize the moments, one pass over each 8-bit block; plus the
- * 32-bit-state step used for small tensors. Scalar reference here, AVX-512 in optim8_avx512.c (AVX2
- * requests run the scalar code: same bytes). Tested bit for bit against converter/optim/reference.py
+ * 32-bit-state step used for small tensors. Scalar reference here, AVX2 and AVX-512 variants in
+ * optim8_avx2.c and optim8_avx512.c. Tested bit for bit against converter/optim/reference.py
  * and across variants and thread counts in tests/test_optim_kernel.py. */
 #include <stdlib.h>
 
@@ -162,6 +162,7 @@ qckpt_status qckpt_adamw8bit_step(void *param, int32_t param_dtype, const void *
         adam_job job = {.args = a, .blocks = qk_adam8_scalar};
 #ifdef QCKPT_HAVE_X86
         if (isa == QCKPT_ISA_AVX512) job.blocks = qk_adam8_avx512;
+        else if (isa == QCKPT_ISA_AVX2) job.blocks = qk_adam8_avx2;
 #endif
         /* >= 16K elements per worker: below that a thread start (~20 us) outweighs the work. */
         int64_t grain = qk_ceil_div(16384, blocksize);

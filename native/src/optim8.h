@@ -41,6 +41,7 @@ typedef struct {
 /* Process blocks [b0, b1) of an 8-bit step. */
 void qk_adam8_scalar(const qk_adam_args *a, int64_t b0, int64_t b1);
 #ifdef QCKPT_HAVE_X86
+void qk_adam8_avx2(const qk_adam_args *a, int64_t b0, int64_t b1);
 void qk_adam8_avx512(const qk_adam_args *a, int64_t b0, int64_t b1);
 #endif
 

@@ -38,16 +38,22 @@ __device__ inline CodeCell make_code_cell(int c, int quant_type) {
     return CodeCell{inside, le | gt << 8};
 }
 
+/* floor(v) for v in [-32, 31] without the quarter-rate F2I: adding 1.5 * 2^23 rounding down leaves
+ * floor(v) in the low mantissa bits. */
+__device__ __forceinline__ int floor_small(float v) {
+    return __float_as_int(__fadd_rd(v, 12582912.0f)) - 0x4B400000;
+}
+
 __device__ __forceinline__ uint32_t code_nf4(const CodeCell *cells, float xn) {
     const float v = fminf(fmaxf(__fmul_rn(xn, 32.0f), -32.0f), 31.0f);
-    const CodeCell cell = cells[__float2int_rd(v) + 32];
+    const CodeCell cell = cells[floor_small(v) + 32];
     return xn > cell.t ? cell.codes >> 8 : cell.codes & 0xFF;
 }
 
 __device__ __forceinline__ uint32_t code_fp4(const CodeCell *cells, float xn) {
     const float a = fabsf(xn);
     const float v = fminf(fmaxf(__fmul_rn(a, 32.0f), 0.0f), 31.0f);
-    const CodeCell cell = cells[__float2int_rd(v)];
+    const CodeCell cell = cells[floor_small(v)];
     const uint32_t mag = a > cell.t ? cell.codes >> 8 : cell.codes & 0xFF;
     return mag | (xn < 0.0f ? 8u : 0u);
 }

@@ -8,8 +8,11 @@
  * a 128-wide step for both operands, and feeds 4 of them per mma. Each lane therefore reads 16
  * contiguous packed bytes per weight row and 64 contiguous bytes of x: weights are read once, 16 bytes
  * at a time. Warps of a block split k; their partial sums are added in shared memory in a fixed order
- * (deterministic). Weights are dequantized like qckpt_dequantize_4bit (float32 LUT * scale, RNE to the
- * compute dtype). Tested against dequantize + matmul (tests/test_cuda_kernels.py). */
+ * (deterministic). Dequantizing costs more issue slots than anything else here, so a byte (two codes)
+ * becomes two weights with one shared-memory lookup of a 256-entry pair table: for float16 the pair is
+ * float32 and is scaled in float32 then rounded once (exactly qckpt_dequantize_4bit's values); for
+ * bfloat16 the pair is already bfloat16 and one bf16x2 multiply by the bf16 scale finishes it (two
+ * extra roundings, within bf16 noise). Tested against dequantize + matmul (tests/test_cuda_kernels.py). */
 #ifndef QCKPT_CUDA_GEMM4_CUH
 #define QCKPT_CUDA_GEMM4_CUH
 
@@ -81,8 +84,40 @@ __device__ __forceinline__ void gemm_load(GemmFrag<NT, R> &f, const T *__restric
         }
 }
 
+/* Shared tables of the kernel: byte -> dequantized pair before scaling. */
+struct PairTable {
+    float2 f32[256];   /* float16 path: (LUT[hi], LUT[lo]) */
+    uint32_t b16[256]; /* bfloat16 path: the same pair rounded to bf16x2 */
+};
+
+template <typename T> struct PairDequant;
+template <> struct PairDequant<__half> {  /* exact: float32 product, one RNE rounding */
+    float s;
+    PairDequant() = default;
+    __device__ __forceinline__ explicit PairDequant(float scale) : s(scale) {}
+    __device__ __forceinline__ uint32_t operator()(const PairTable &t, uint32_t byte) const {
+        const float2 p = t.f32[byte];
+        return pack2<__half>(__fmul_rn(p.x, s), __fmul_rn(p.y, s));
+    }
+};
+template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply */
+    __nv_bfloat162 s;
+    PairDequant() = default;
+    __device__ __forceinline__ explicit PairDequant(float scale) : s(__float2bfloat162_rn(scale)) {}
+    __device__ __forceinline__ uint32_t operator()(const PairTable &t, uint32_t byte) const {
+        const uint32_t p = t.b16[byte];
+        __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&p), s);
+        return *reinterpret_cast<uint32_t *>(&v);
+    }
+};
+
 template <typename T, int NT, int R>
-__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const float *lut, float (&acc)[R][NT][4]) {
+__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable &tab, float (&acc)[R][NT][4]) {
+    PairDequant<T> deq[R][2];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) deq[r][h] = PairDequant<T>(f.scale[r][h]);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
 #pragma unroll
@@ -90,11 +125,10 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const flo
             uint32_t a[4];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const uint8_t *bytes = reinterpret_cast<const uint8_t *>(&f.w[r][h]);
-                const uint32_t b0 = bytes[2 * j], b1 = bytes[2 * j + 1];
-                const float s = f.scale[r][h];
-                a[h] = pack2<T>(__fmul_rn(lut[b0 >> 4], s), __fmul_rn(lut[b0 & 15], s));
-                a[2 + h] = pack2<T>(__fmul_rn(lut[b1 >> 4], s), __fmul_rn(lut[b1 & 15], s));
+                const uint32_t word = reinterpret_cast<const uint32_t *>(&f.w[r][h])[j >> 1];
+                const int sh = (j & 1) * 16;
+                a[h] = deq[r][h](tab, (word >> sh) & 0xFF);
+                a[2 + h] = deq[r][h](tab, (word >> (sh + 8)) & 0xFF);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
@@ -110,12 +144,15 @@ __global__ void __launch_bounds__(kGemmWarps * 32) gemm_4bit_kernel(const T *__r
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
-    __shared__ float lut[16];
+    __shared__ PairTable tab;
     __shared__ float code[256];
     __shared__ float red[kGemmWarps][R][NT][4][32];
-    if (threadIdx.x < 16) lut[threadIdx.x] = (quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut)[threadIdx.x];
-    if (!scales.absmax)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
+        tab.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
+        tab.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
+        if (!scales.absmax) code[i] = scales.code[i];
+    }
     __syncthreads();
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -134,7 +171,7 @@ __global__ void __launch_bounds__(kGemmWarps * 32) gemm_4bit_kernel(const T *__r
     for (int64_t s = warp; s < steps; s += kGemmWarps) {
         if (s + kGemmWarps < steps)
             gemm_load<T, NT, R>(nxt, x, batch, packed, scales, code, n_out, k, log2_bs, n0, s + kGemmWarps, g, t);
-        gemm_compute<T, NT, R>(cur, lut, acc);
+        gemm_compute<T, NT, R>(cur, tab, acc);
         cur = nxt;
     }
 

@@ -1,5 +1,5 @@
 /* int8_rowwise.cuh -- row-wise int8 (LLM.int8 weights): one thread block per row; SCB = max |x| as bit
- * patterns, q = rint(x * (127.0f / SCB)) with an IEEE division, an all-zero row all zeros; dequantize as
+ * patterns, q = rint(x * ((1.0f / SCB) * 127.0f)) (bnb's torch arithmetic), an all-zero row all zeros; dequantize as
  * (q * SCB) * (1/127 as float32), two roundings. As native/src/int8_rowwise.c; tested against it. */
 #ifndef QCKPT_CUDA_INT8_ROWWISE_CUH
 #define QCKPT_CUDA_INT8_ROWWISE_CUH
@@ -27,7 +27,8 @@ __global__ void __launch_bounds__(256) quantize_int8_rowwise_kernel(const T *__r
         }
         const float amax = __uint_as_float(m);
         if (threadIdx.x == 0) scb[r] = amax;
-        const float scale = m ? __fdiv_rn(127.0f, amax) : 0.0f;
+        /* (1.0f / SCB) * 127.0f, two roundings: torch's evaluation of bitsandbytes' `127.0 / SCB` */
+        const float scale = m ? __fmul_rn(__frcp_rn(amax), 127.0f) : 0.0f;
         for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
             q[r * cols + c] = m ? (int8_t)__float2int_rn(__fmul_rn(to_f32<T>(row[c]), scale)) : 0;
     }

@@ -1,8 +1,10 @@
 /* quant4.cuh -- blockwise 4-bit quantize kernel. A group of G lanes owns one block of 8*G*C elements; each
  * lane loads C chunks of 8 contiguous elements (16 bytes for 16-bit inputs; chunk j of lane l sits at
  * (j*G + l)*8, so a warp reads contiguous memory), reduces max|x| as float bit patterns across the
- * group with shuffles, multiplies by the IEEE reciprocal and writes 4 packed bytes per chunk.
- * Launched by quant4.cu; tested byte for byte against the CPU library (tests/test_cuda_kernels.py). */
+ * group with shuffles, multiplies by the IEEE reciprocal and writes 4 packed bytes per chunk. A warp
+ * takes U tiles per loop trip and issues all their loads first, so enough bytes are in flight to
+ * reach memory bandwidth. Launched by quant4.cu; tested byte for byte against the CPU library
+ * (tests/test_cuda_kernels.py). */
 #ifndef QCKPT_CUDA_QUANT4_CUH
 #define QCKPT_CUDA_QUANT4_CUH
 
@@ -17,7 +19,7 @@ __device__ __forceinline__ void load8(const T *__restrict__ x, int64_t i0, int64
         constexpr int kVecs = sizeof(T) * 8 / 16;
         uint4 raw[kVecs];
 #pragma unroll
-        for (int q = 0; q < kVecs; q++) raw[q] = __ldg(reinterpret_cast<const uint4 *>(x + i0) + q);
+        for (int q = 0; q < kVecs; q++) raw[q] = __ldcs(reinterpret_cast<const uint4 *>(x + i0) + q);
         const T *e = reinterpret_cast<const T *>(raw);
 #pragma unroll
         for (int q = 0; q < 8; q++) v[q] = to_f32<T>(e[q]);
@@ -27,7 +29,33 @@ __device__ __forceinline__ void load8(const T *__restrict__ x, int64_t i0, int64
     }
 }
 
-template <typename T, int G, int C>
+/* Codes of one chunk, packed (even index in the high nibble) and stored; a partial last chunk pads an
+ * odd count with the code of 0.0. */
+template <bool NF4>
+__device__ __forceinline__ void store_chunk(const CodeCell *cells, const float v[8], float r, int64_t i0, int64_t n,
+                                            uint8_t *__restrict__ packed) {
+    uint32_t c[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) {
+        const float xn = __fmul_rn(v[q], r);
+        c[q] = NF4 ? code_nf4(cells, xn) : code_fp4(cells, xn);
+    }
+    if (i0 + 8 <= n) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int q = 0; q < 4; q++) word |= (c[2 * q] << 4 | c[2 * q + 1]) << (8 * q);
+        __stcs(reinterpret_cast<unsigned int *>(packed + (i0 >> 1)), word);
+    } else {
+        const uint32_t pad = NF4 ? 7u : 0u;
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const int64_t e = i0 + 2 * q;
+            if (e < n) packed[e >> 1] = (uint8_t)(c[2 * q] << 4 | (e + 1 < n ? c[2 * q + 1] : pad));
+        }
+    }
+}
+
+template <typename T, int G, int C, int U>
 __global__ void __launch_bounds__(256) quantize_4bit_kernel(const T *__restrict__ x, int64_t n, int quant_type,
                                                             uint8_t *__restrict__ packed, float *__restrict__ absmax,
                                                             unsigned long long *__restrict__ bad_index) {
@@ -37,68 +65,63 @@ __global__ void __launch_bounds__(256) quantize_4bit_kernel(const T *__restrict_
     __syncthreads();
 
     const bool nf4 = quant_type == QCKPT_NF4;
-    const uint32_t pad = nf4 ? 7u : 0u; /* the code of 0.0 pads an odd count */
     const int lane = threadIdx.x & 31, sub = lane % G;
     const int64_t nb = ceil_div(n, kBS);
     const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
 
     /* Warp-uniform trip count: every lane reaches every shuffle. */
-    for (int64_t wb = warp * kGroupsPerWarp; wb < nb; wb += warps * kGroupsPerWarp) {
-        const int64_t b = wb + lane / G;
-        const bool valid = b < nb;
-        const int64_t start = b * kBS;
-        float v[C][8];
-        uint32_t m = 0;
+    for (int64_t wb = warp * kGroupsPerWarp * U; wb < nb; wb += warps * kGroupsPerWarp * U) {
+        float v[U][C][8];
+        uint32_t m[U];
 #pragma unroll
-        for (int j = 0; j < C; j++) {
-            const int64_t i0 = start + int64_t(j * G + sub) * 8;
-            if (valid) load8<T>(x, i0, n, v[j]);
-            else {
+        for (int u = 0; u < U; u++) {
+            const int64_t b = wb + u * kGroupsPerWarp + lane / G;
+            m[u] = 0;
 #pragma unroll
-                for (int q = 0; q < 8; q++) v[j][q] = 0.0f;
+            for (int j = 0; j < C; j++) {
+                const int64_t i0 = b * kBS + int64_t(j * G + sub) * 8;
+                if (b < nb) load8<T>(x, i0, n, v[u][j]);
+                else {
+#pragma unroll
+                    for (int q = 0; q < 8; q++) v[u][j][q] = 0.0f;
+                }
             }
-#pragma unroll
-            for (int q = 0; q < 8; q++) m = max(m, __float_as_uint(v[j][q]) & 0x7FFFFFFFu);
         }
 #pragma unroll
-        for (int o = G / 2; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(kFullMask, m, o));
-        if (!valid) continue;
-        if (m >= 0x7F800000u) { /* NaN/inf: record the first flat index, write nothing */
+        for (int u = 0; u < U; u++) {
+#pragma unroll
+            for (int j = 0; j < C; j++)
+#pragma unroll
+                for (int q = 0; q < 8; q++) m[u] = max(m[u], __float_as_uint(v[u][j][q]) & 0x7FFFFFFFu);
+#pragma unroll
+            for (int o = G / 2; o > 0; o >>= 1) m[u] = max(m[u], __shfl_xor_sync(kFullMask, m[u], o));
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int64_t b = wb + u * kGroupsPerWarp + lane / G;
+            if (b >= nb) continue;
+            const int64_t start = b * kBS;
+            if (m[u] >= 0x7F800000u) { /* NaN/inf: record the first flat index, write nothing */
+#pragma unroll
+                for (int j = 0; j < C; j++) {
+                    const int64_t i0 = start + int64_t(j * G + sub) * 8;
+#pragma unroll
+                    for (int q = 0; q < 8; q++)
+                        if (i0 + q < n && (__float_as_uint(v[u][j][q]) & 0x7FFFFFFFu) >= 0x7F800000u)
+                            atomicMin(bad_index, (unsigned long long)(i0 + q));
+                }
+                continue;
+            }
+            const float amax = __uint_as_float(m[u]);
+            if (sub == 0) absmax[b] = amax;
+            const float r = __frcp_rn(amax); /* == 1.0f / amax, IEEE; 0 gives inf and NaN codes below */
 #pragma unroll
             for (int j = 0; j < C; j++) {
                 const int64_t i0 = start + int64_t(j * G + sub) * 8;
-#pragma unroll
-                for (int q = 0; q < 8; q++)
-                    if (i0 + q < n && (__float_as_uint(v[j][q]) & 0x7FFFFFFFu) >= 0x7F800000u)
-                        atomicMin(bad_index, (unsigned long long)(i0 + q));
-            }
-            continue;
-        }
-        const float amax = __uint_as_float(m);
-        if (sub == 0) absmax[b] = amax;
-        const float r = __frcp_rn(amax); /* == 1.0f / amax, IEEE; 0 gives inf and NaN codes below */
-#pragma unroll
-        for (int j = 0; j < C; j++) {
-            const int64_t i0 = start + int64_t(j * G + sub) * 8;
-            if (i0 >= n) continue;
-            uint32_t c[8];
-#pragma unroll
-            for (int q = 0; q < 8; q++) {
-                const float xn = __fmul_rn(v[j][q], r);
-                c[q] = nf4 ? code_nf4(cells, xn) : code_fp4(cells, xn);
-            }
-            if (i0 + 8 <= n) {
-                uint32_t word = 0;
-#pragma unroll
-                for (int q = 0; q < 4; q++) word |= (c[2 * q] << 4 | c[2 * q + 1]) << (8 * q);
-                *reinterpret_cast<uint32_t *>(packed + (i0 >> 1)) = word;
-            } else {
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    const int64_t e = i0 + 2 * q;
-                    if (e < n) packed[e >> 1] = (uint8_t)(c[2 * q] << 4 | (e + 1 < n ? c[2 * q + 1] : pad));
-                }
+                if (i0 >= n) continue;
+                if (nf4) store_chunk<true>(cells, v[u][j], r, i0, n, packed);
+                else store_chunk<false>(cells, v[u][j], r, i0, n, packed);
             }
         }
     }
