@@ -265,6 +265,10 @@ def _fingerprint(source, infos, settings, assignment) -> str:
     h.update(json.dumps([source.description, source.commit, settings.to_dict(), _version.__version__]).encode())
     for (shard, info), out in zip(infos, assignment):
         h.update(f"{shard}|{info.name}|{info.dtype}|{info.shape}|{info.start}|{out}\n".encode())
+    if source.commit is None:  # a local source has no commit: a rewritten shard must not be resumed over
+        for shard in source.shards:
+            st = os.stat(source.shard_path(shard))
+            h.update(f"{shard}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -281,8 +285,10 @@ def _load_progress(staging: str, fingerprint: str, n_out: int) -> dict:
     done = {}
     for key, entry in state.get("shards", {}).items():
         i = int(key)
+        if i >= n_out or entry.get("file") != shard_name(i, n_out):
+            continue
         full = os.path.join(staging, entry["file"])
-        if i < n_out and os.path.isfile(full) and _sha256(full) == entry["sha256"]:
+        if os.path.isfile(full) and _sha256(full) == entry["sha256"]:
             done[i] = entry
     return done
 
@@ -450,13 +456,16 @@ def _finish(run, src, plan, settings, stats, done, n_out, infos, start) -> Repor
         config["dtype"] = _source_dtype(infos)
         config["quantization_config"] = qconfig
         files["config.json"] = _write_text(os.path.join(staging, "config.json"), json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for rel, full in src.extra_files():
+    for rel, full in src.extra_files(exclude=run.output):
         dest = os.path.join(staging, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(full, dest)
         files[rel] = _sha256(dest)
     run.timings["total_s"] = time.perf_counter() - start
-    base = getattr(src, "repo_id", None) or os.path.basename(src.path.rstrip(os.sep))
+    name = getattr(src, "repo_id", None) or os.path.basename(src.path.rstrip(os.sep))
+    # a local folder's true Hub id is unknown (config `_name_or_path` often names the model it was
+    # fine-tuned from, not this one), and the Hub rejects a base_model that is not a model: leave it out
+    base = getattr(src, "repo_id", None)
     report = Report(
         tool_version=_version.__version__, source=src.description, commit=src.commit, output=run.output,
         settings={**settings.to_dict(), "device": run.device, "threads": run.threads}, tensors=tuple(all_stats),
@@ -464,7 +473,7 @@ def _finish(run, src, plan, settings, stats, done, n_out, infos, start) -> Repor
         timings={k: round(v, 4) for k, v in run.timings.items()},
     )
     files["README.md"] = _write_text(os.path.join(staging, "README.md"),
-                                     model_card(report, base, is_local=src.kind == "local"))
+                                     model_card(report, name, base))
     report = dataclasses.replace(report, files=files)
     _write_text(os.path.join(staging, REPORT_NAME), report.to_json())
     _publish(staging, run.output)

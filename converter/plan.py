@@ -54,22 +54,29 @@ def build_skeleton(config_dir: str):
     import torch
     import transformers
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    # config validation warnings (e.g. token ids outside a tiny vocab) are not ours to print
+    tf_logger = logging.getLogger("transformers")
+    saved_level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
     try:
-        config = transformers.AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
-    except Exception as exc:  # noqa: BLE001 - any failure here is a bad or unsupported config
-        raise CheckpointError(f"{os.path.join(config_dir, 'config.json')}: cannot be read by transformers ({exc})") from None
-    candidates = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
-    candidates = [c for c in candidates if c is not None]
-    with torch.device("meta"):
-        if candidates:
-            return candidates[0]._from_config(config), candidates[0].__name__
-        for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
-            try:
-                model = auto.from_config(config)
-                return model, type(model).__name__
-            except ValueError:
-                continue
+        try:
+            config = transformers.AutoConfig.from_pretrained(config_dir, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any failure here is a bad or unsupported config
+            raise CheckpointError(f"{os.path.join(config_dir, 'config.json')}: cannot be read by transformers "
+                                  f"({exc})") from None
+        candidates = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+        candidates = [c for c in candidates if c is not None]
+        with torch.device("meta"):
+            if candidates:
+                return candidates[0]._from_config(config), candidates[0].__name__
+            for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+                try:
+                    model = auto.from_config(config)
+                    return model, type(model).__name__
+                except ValueError:
+                    continue
+    finally:
+        tf_logger.setLevel(saved_level)
     raise CheckpointError(f"{config_dir}/config.json: no transformers model class for model_type "
                           f"{getattr(config, 'model_type', None)!r}")
 

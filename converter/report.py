@@ -141,18 +141,20 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def model_card(report: Report, base_model: str, *, is_local: bool) -> str:
-    """README.md for the Hub: YAML front matter, settings table, size and error summary, how to load."""
+def model_card(report: Report, name: str, base_model: str | None) -> str:
+    """README.md for the Hub: YAML front matter, settings table, size and error summary, how to load.
+
+    `base_model` is a Hub repo id or None: the Hub rejects a card whose base_model is not an existing
+    model, so a local source with no known repo id gets no base_model lines."""
     s = report.settings
     t = report.totals()
     four = s.get("quant") in ("nf4", "fp4")
     tags = ["bitsandbytes", "4-bit" if four else "8-bit", s.get("quant"), "qckpt", "quantized"]
     front = ["---"]
-    if not is_local:
+    if base_model:
         front += [f"base_model: {base_model}", "base_model_relation: quantized"]
-    else:
-        front += [f"base_model: {_yaml_str(base_model)}", "base_model_relation: quantized"]
     front += ["library_name: transformers", "tags:"] + [f"- {tag}" for tag in tags] + ["---", ""]
+    base_model = base_model or name
     scheme = {"nf4": "NF4", "fp4": "FP4", "int8": "LLM.int8 (row-wise INT8)"}[s.get("quant")]
     dq = f", double quant {'on' if s.get('double_quant') else 'off'}" if four else ""
     name = base_model.rstrip("/").split("/")[-1] or base_model
@@ -189,6 +191,3 @@ def model_card(report: Report, base_model: str, *, is_local: bool) -> str:
     ]
     return "\n".join(front + body)
 
-
-def _yaml_str(text: str) -> str:
-    return json.dumps(text)

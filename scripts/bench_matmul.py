@@ -28,16 +28,22 @@ from converter.runtime import Linear4bit  # noqa: E402
 from converter.runtime import functional as rf  # noqa: E402
 
 
-def timeit(fn, repeat: int) -> float:
-    """Median seconds of `repeat` calls after two warm-ups."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+class Timing:
+    """Median and best of `repeat` calls after two warm-ups. On a shared 2-core box the median moves
+    with other load; the best is the least disturbed run. Printed as `median (best)` in ms."""
+
+    def __init__(self, fn, repeat: int):
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        self.median, self.best = statistics.median(times), min(times)
+
+    def __str__(self):
+        return f"{self.median * 1e3:.2f} ({self.best * 1e3:.2f})"
 
 
 def _bnb_matmul(weight):
@@ -51,8 +57,8 @@ def _bnb_matmul(weight):
 
 
 def table_latency(repeat: int) -> None:
-    print("## Linear4bit forward latency (NF4 + double quant, bf16 activations), median ms\n")
-    print("| shape (out x in) | batch | ours | torch bf16 F.linear | bitsandbytes matmul_4bit | ours vs torch |")
+    print("## Linear4bit forward latency (NF4 + double quant, bf16 activations), ms: median (best)\n")
+    print("| shape (out x in) | batch | ours | torch bf16 F.linear | bitsandbytes matmul_4bit | torch / ours (median) |")
     print("| --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
     for n_out, k in [(4096, 4096), (14336, 4096)]:
@@ -62,17 +68,16 @@ def table_latency(repeat: int) -> None:
         for batch in (1, 16, 128):
             x = torch.randn(batch, k, generator=gen).to(torch.bfloat16)
             with torch.no_grad():
-                ours = timeit(lambda: layer(x), repeat)
-                dense = timeit(lambda: F.linear(x, weight), repeat)
-                theirs = timeit(lambda: bnb_fn(x), max(3, repeat // 4)) if bnb_fn else None
-            bnb_cell = f"{theirs * 1e3:.2f}" if theirs else "n/a"
-            print(f"| {n_out}x{k} | {batch} | {ours * 1e3:.2f} | {dense * 1e3:.2f} | {bnb_cell} | "
-                  f"{dense / ours:.2f}x |", flush=True)
+                ours = Timing(lambda: layer(x), repeat)
+                dense = Timing(lambda: F.linear(x, weight), repeat)
+                theirs = Timing(lambda: bnb_fn(x), max(3, repeat // 4)) if bnb_fn else "n/a"
+            print(f"| {n_out}x{k} | {batch} | {ours} | {dense} | {theirs} | {dense.median / ours.median:.2f}x |",
+                  flush=True)
     print()
 
 
 def table_threshold(repeat: int) -> None:
-    print(f"## Fused kernel vs dequantize + matmul by rows (4096x4096, bf16), median ms; "
+    print(f"## Fused kernel vs dequantize + matmul by rows (4096x4096, bf16), ms: median (best); "
           f"current FUSED_MAX_ROWS = {rf.FUSED_MAX_ROWS}\n")
     print("| rows | fused | dequantize + torch matmul | faster |")
     print("| --- | --- | --- | --- |")
@@ -84,9 +89,9 @@ def table_threshold(repeat: int) -> None:
     for rows in (1, 2, 4, 8, 12, 16, 24, 32):
         x = torch.randn(rows, 4096, generator=gen).to(torch.bfloat16)
         with torch.no_grad():
-            a = timeit(lambda: fused(x), repeat)
-            b = timeit(lambda: dense(x), repeat)
-        print(f"| {rows} | {a * 1e3:.2f} | {b * 1e3:.2f} | {'fused' if a < b else 'dequantize'} |", flush=True)
+            a = Timing(lambda: fused(x), repeat)
+            b = Timing(lambda: dense(x), repeat)
+        print(f"| {rows} | {a} | {b} | {'fused' if a.best < b.best else 'dequantize'} |", flush=True)
     print()
 
 

@@ -38,7 +38,7 @@ def full_block_weight(rows, cols, dtype, gen):
     return torch.where(outliers, x * 40, x).to(dtype)
 
 
-@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 512, 1024, 2048, 4096])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nf4_bytes_and_absmax_equal_bitsandbytes(blocksize, dtype, gen):
     """NF4 packed bytes and float32 absmax equal F.quantize_4bit on CPU (full blocks, blocks straddling rows)."""

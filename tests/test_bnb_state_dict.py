@@ -250,3 +250,34 @@ def test_malformed_int8_state_dicts():
         sd[PREFIX + key] = value
         with pytest.raises(StateDictError, match=pattern):
             QuantizedTensor.from_state_dict(sd, PREFIX)
+
+
+def test_transformers_saved_checkpoint_loads_in_ours(tmp_path, seed):
+    """A tiny Llama quantized by transformers + bitsandbytes (NF4, double quant) and saved with
+    save_pretrained: every quantized tensor loads through ours and dequantizes like bnb's module, and our
+    own quantization of the source weight gives the same NF4 bytes (full blocks)."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(seed)
+    source = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "src")
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=bnb_config,
+                                                                  dtype=torch.bfloat16)
+        model.save_pretrained(tmp_path / "q")
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    prefixes = quantized_prefixes(sd)
+    assert len(prefixes) == 7 and set(prefixes.values()) == {"nf4"}
+    for prefix in prefixes:
+        qt = QuantizedTensor.from_state_dict(sd, prefix)
+        weight = model.get_submodule(prefix[:-1]).weight
+        assert same_bits(qt.dequantize(), F.dequantize_4bit(weight.data, weight.quant_state)), prefix
+        ours = quantize(source.get_submodule(prefix[:-1]).weight.detach(), "nf4", blocksize=64)
+        assert torch.equal(ours.data, sd[prefix + "weight"]), prefix
+        assert ours.state_dict(prefix).keys() == {k for k in sd if k.startswith(prefix + "weight")}

@@ -224,18 +224,19 @@ def test_blockwise8_matches_reference(n, cpu_isas, gen):
             assert same_bits(out, ref.dequantize_absmax(want_codes, want_absmax, 0.0123, 256, code))
 
 
-def test_blockwise8_exact_midpoint_ties_go_to_even():
-    """Values exactly on float32 midpoints of the map (with absmax 1) get the even index, natively."""
+def test_blockwise8_exact_midpoint_ties_go_to_even(cpu_isas):
+    """Values exactly on float32 midpoints of the map (with absmax 1) get the even index, on every variant."""
     code = _code()
     mids = (code[:-1] + code[1:]) * 0.5
     x = torch.cat([torch.tensor([1.0]), mids, torch.nextafter(mids, torch.tensor(2.0)),
                    torch.nextafter(mids, torch.tensor(-2.0))])
     x = torch.cat([x, torch.zeros(1024 - x.numel())])
-    codes, absmax = cpu.quantize_blockwise8(x, code, 1024)
-    assert absmax.tolist() == [1.0]
-    got = codes[1:256].long()
-    assert torch.equal(got, torch.arange(255) + torch.arange(255) % 2)
-    assert torch.equal(codes, ref.codes_nearest_even(x, code))
+    for isa in cpu_isas:
+        codes, absmax = cpu.quantize_blockwise8(x, code, 1024, isa=isa)
+        assert absmax.tolist() == [1.0]
+        got = codes[1:256].long()
+        assert torch.equal(got, torch.arange(255) + torch.arange(255) % 2), isa
+        assert torch.equal(codes, ref.codes_nearest_even(x, code)), isa
 
 
 def test_blockwise8_rejects_nonfinite_and_unsorted_map():

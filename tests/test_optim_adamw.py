@@ -124,6 +124,27 @@ def test_state_dict_round_trip_resumes_identically(dtype, gen):
         assert torch.equal(p.detach(), q.detach())
 
 
+def test_resume_from_torch_adamw_state(gen):
+    """A torch.optim.AdamW state dict loads into AdamW8bit: its moments continue as float32 state and the
+    next step equals the reference step from those moments."""
+    p = torch.nn.Parameter(torch.randn(70, 90, generator=gen))
+    torch_opt = torch.optim.AdamW([p], lr=1e-2)
+    for _ in range(2):
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        torch_opt.step()
+    saved = torch_opt.state_dict()
+    m, v = saved["state"][0]["exp_avg"].clone(), saved["state"][0]["exp_avg_sq"].clone()
+    before = p.detach().clone()
+    opt = AdamW8bit([p])
+    opt.load_state_dict(saved)
+    p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+    opt.step()
+    s = ref.AdamWScalars.for_step(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, step=3)
+    expected, _, _ = ref.adamw32_step(before, p.grad, m.reshape(-1), v.reshape(-1), s)
+    assert torch.equal(p.detach(), expected)
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
 def test_load_state_dict_rejects_mismatched_state(gen):
     """A state saved for other parameter shapes is refused with an error naming the entry."""
     big, small, _ = _params(gen)

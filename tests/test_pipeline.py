@@ -54,9 +54,9 @@ def test_report_and_model_card(tmp_path):
     assert saved["totals"]["bytes_after"] == report.bytes_after
     card = (tmp_path / "out" / "README.md").read_text()
     front = card.split("---")[1]
-    for needle in ("base_model:", "base_model_relation: quantized", "library_name: transformers", "- bitsandbytes",
-                   "- 4-bit", "- qckpt"):
+    for needle in ("library_name: transformers", "- bitsandbytes", "- 4-bit", "- qckpt"):
         assert needle in front, needle
+    assert "base_model:" not in front  # a local folder with no known repo id: the Hub would reject a guess
     assert "from_pretrained" in card and "converter.load_quantized" in card and "| blocksize | 128 |" in card
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "float32" and config["quantization_config"]["llm_int8_skip_modules"] is None
@@ -169,3 +169,13 @@ def test_plan_matches_transformers_replacement_t5(tmp_path):
     assert ours == theirs and ours and not any(n.endswith(".wo") for n in ours)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out")
     assert {n for n, m in loaded.named_modules() if type(m).__name__ == "Linear4bit"} == theirs
+
+
+def test_output_inside_source_folder_is_not_copied_into_itself(tmp_path, seed):
+    """OUTPUT inside the source folder: a second --overwrite run does not copy the old output as extras."""
+    src = tiny_llama(tmp_path / "src", seed=seed)
+    converter.convert(src, tmp_path / "src" / "q", progress=False)
+    converter.convert(src, tmp_path / "src" / "q", overwrite=True, progress=False)
+    assert not (tmp_path / "src" / "q" / "q").exists()
+    assert sorted(os.listdir(tmp_path / "src" / "q")) == ["README.md", "config.json", "generation_config.json",
+                                                          "model.safetensors", "qckpt_report.json"]

@@ -10,9 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import converter
-from converter.errors import ModelLoadError
+from converter.errors import ModelLoadError, SourceNotFoundError
 from converter.runtime import Linear4bit, Linear8bit
 
+from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
 from runtime_checkpoints import reference_model, tiny_llama, write_bnb, write_bnb_functional, write_quantized
 
 # Stated tolerance on logits (max |Δ| / max |reference logit|): float32 compute agrees to float32
@@ -97,7 +98,8 @@ _BNB_CASES = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_bnb_checkpoint_matches_bitsandbytes(tmp_path, seed, case, dtype):
     """A checkpoint saved by transformers + bitsandbytes loads without bnb and agrees with bnb's own
-    forward (run with grad enabled: bnb's CPU no-grad path repacks into bf16 statistics, FORMAT.md 3.4)."""
+    forward (run with grad enabled: bnb's CPU no-grad path repacks into bf16 statistics, FORMAT.md 3.4);
+    save_pretrained of our model gives the same tensors back."""
     pytest.importorskip("bitsandbytes")
     import transformers
 
@@ -120,12 +122,16 @@ def test_bnb_checkpoint_matches_bitsandbytes(tmp_path, seed, case, dtype):
         if case != "int8":  # LLM.int8 quantizes activations too; its oracle is bnb itself
             with torch.no_grad():
                 _assert_logits_close(ours, ref(ids).logits, dtype)
-    # Re-saving gives back the checkpoint's keys and bytes (transformers 5.24 cannot do this).
-    saved = _read_all(folder)
-    resaved = loaded.state_dict()
+    # save_pretrained of the loaded model writes the checkpoint's keys and bytes again (transformers
+    # 5.24 cannot re-save a bnb model), and transformers + bitsandbytes loads the result.
+    loaded.save_pretrained(tmp_path / "resaved")
+    saved, resaved = _read_all(folder), _read_all(tmp_path / "resaved")
     assert set(resaved) == set(saved)
     for key, value in saved.items():
         assert resaved[key].dtype == value.dtype and torch.equal(resaved[key], value), key
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", device_map="cpu")
+    with torch.enable_grad():
+        assert torch.equal(again(ids).logits, theirs(ids).logits)
 
 
 @pytest.mark.bnb
@@ -285,3 +291,17 @@ def test_end_to_end_convert_then_load(tmp_path):
     ids = torch.tensor([[1, 403, 407, 261, 378, 289, 1, 319]])
     with torch.no_grad():
         _assert_logits_close(loaded(ids).logits, ref(ids).logits, torch.float32)
+
+
+def test_hub_repo_id_loads(fake_hub, tmp_path, seed):
+    """A repo id (served by the loopback fake Hub) resolves to a snapshot and loads like the folder."""
+    model = tiny_llama(seed)
+    folder = write_quantized(model, tmp_path / "q", "nf4", shards=2)
+    files = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+    fake_hub.add_repo("org/tiny-nf4", files)
+    loaded = converter.load_quantized("org/tiny-nf4")
+    ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, converter.load_quantized(folder)(ids).logits)
+    with pytest.raises(SourceNotFoundError, match="org/missing"):
+        converter.load_quantized("org/missing")

@@ -58,7 +58,7 @@ def test_listing_pinned_download_equals_local(fake_hub, files, local_result, tmp
     saved = json.loads((tmp_path / "out" / "qckpt_report.json").read_text())
     assert saved["commit"] == sha
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "base_model: org/tiny" in card
+    assert "base_model: org/tiny" in card and "base_model_relation: quantized" in card
 
 
 def test_revision_commit_pins_old_snapshot(fake_hub, files, tmp_path):
@@ -165,3 +165,11 @@ def test_route_hook_and_network_guard(fake_hub):
     from fakehub import guard
 
     guard._state["violations"].clear()  # the refusal above was this test's own probe
+
+
+def test_unreachable_hub_is_a_hub_error_not_file_not_found(fake_hub, files, tmp_path):
+    """With the server gone, the run ends as a HubError after the retries (never as 'file not found')."""
+    fake_hub.add_repo("org/tiny", files)
+    fake_hub.stop()
+    with pytest.raises(HubError, match="after 1 attempts"):
+        converter.convert("org/tiny", tmp_path / "out", progress=False, retries=1)

@@ -77,13 +77,13 @@ class AdamW8bit(torch.optim.Optimizer):
                 grad = self._checked_grad(param, name)
                 state = self.state[param]
                 if not state:
-                    _init_state(param, state, group["min_8bit_size"])
+                    _init_state(param, state, group.get("min_8bit_size", self.defaults["min_8bit_size"]))
                 state["step"] += 1
                 step = int(state["step"].item())
                 if step not in scalars_by_step:
                     scalars_by_step[step] = AdamWScalars.for_step(
                         lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+                        weight_decay=group["weight_decay"], step=step, maximize=group.get("maximize", False),
                     )
                 self._update(param, grad, state, scalars_by_step[step], name)
         return loss
@@ -124,7 +124,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         """As torch's, except that state tensors keep their dtype: torch would cast every floating-point
-        state tensor to the parameter's dtype (absmax and 32-bit moments of a bf16 parameter to bf16)."""
+        state tensor to the parameter's dtype (absmax and 32-bit moments of a bf16 parameter to bf16).
+        A torch.optim.AdamW state dict loads too: its moments continue as 32-bit state."""
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         saved = {pid: dict(values) for pid, values in state_dict["state"].items()}
         super().load_state_dict(state_dict)

@@ -295,7 +295,7 @@ def _install_quantized(model, prefix, state: dict, device):
     module.set_quantized(qt.to(device) if device is not None else qt, prefix + "weight")
 
 
-def _check_complete(model, where: dict, quantized: dict, tied: set):
+def _check_complete(model, quantized: dict):
     for prefix in quantized:
         module = model.get_submodule(prefix[:-1])
         if not module.is_loaded:
@@ -340,7 +340,7 @@ def load_quantized(path_or_repo, *, device=None, dtype=None, revision=None, devi
 
     _load_tensors(model, where, quantized, dtype, device)
     model.tie_weights()
-    _check_complete(model, where, quantized, tied)
+    _check_complete(model, quantized)
     model.to(device)  # non-persistent buffers (rotary tables) were built on the CPU
     model.eval()
     if device_map is not None:

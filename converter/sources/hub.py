@@ -8,13 +8,14 @@ and HF_HUB_OFFLINE the way huggingface_hub does.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import hashlib
 import json
 import os
 import shutil
 import time
 
-from ..errors import CheckpointError, HubError, SourceNotFoundError
+from ..errors import CheckpointError, DiskFullError, HubError, SourceNotFoundError
 from ..shards.header import Header, parse_header, parse_length
 from ..shards.index import INDEX_NAME, parse_weight_map
 from .base import PICKLE_SUFFIXES, is_extra_file, pickle_refusal
@@ -93,6 +94,8 @@ class HubSource:
             except e.RepositoryNotFoundError:
                 hint = "" if self.token else " (if it is private or gated, pass --token or set HF_TOKEN)"
                 raise SourceNotFoundError(f"{self.repo_id}: repository not found or not accessible on the Hub{hint}") from None
+            except e.LocalEntryNotFoundError as exc:  # the Hub was unreachable (it is an EntryNotFoundError too)
+                last = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             except e.EntryNotFoundError:
                 raise SourceNotFoundError(f"{self._where(filename or '?')}: file not found in the repo") from None
             except e.OfflineModeIsEnabled:
@@ -104,9 +107,11 @@ class HubSource:
                         raise HubError(f"{self.repo_id}: access denied (HTTP {status}); pass --token or set HF_TOKEN") from None
                     raise HubError(f"{self.repo_id}: HTTP {status} from the Hub for {filename or 'the repo'}") from None
                 last = f"HTTP {status}"
-            except (e.LocalEntryNotFoundError, OSError) as exc:
+            except OSError as exc:
                 if isinstance(exc, HubError):
                     raise
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFullError(f"disk full while downloading {self._where(filename or '?')}") from None
                 last = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             except Exception as exc:  # noqa: BLE001 - httpx2 transport errors have no common public base here
                 if type(exc).__module__.split(".")[0] not in ("httpx2", "httpx", "httpcore", "h11"):
@@ -207,7 +212,7 @@ class HubSource:
                     except Exception:  # noqa: BLE001 - the run is already failing; keep its error
                         pass
 
-    def extra_files(self) -> list:
+    def extra_files(self, exclude: str | None = None) -> list:
         found = []
         for name, (size, _) in sorted(self.files.items()):
             if is_extra_file(name, size):

@@ -71,14 +71,15 @@ class LocalSource:
         for shard in shards:
             yield shard, self.shard_path(shard)
 
-    def extra_files(self) -> list:
-        """[(relative path, absolute path)] of small companion files (tokenizer, generation config...)."""
-        if os.path.isfile(self.path):
-            if self.config_dir is None:
-                return []
+    def extra_files(self, exclude: str | None = None) -> list:
+        """[(relative path, absolute path)] of small companion files (tokenizer, generation config...);
+        `exclude` (the output folder, when it sits inside the source) is not walked."""
+        if os.path.isfile(self.path) and self.config_dir is None:
+            return []
+        skip = os.path.abspath(exclude) if exclude else None
         found = []
         for root, dirs, files in os.walk(self.folder):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(root, d) != skip)
             for f in sorted(files):
                 full = os.path.join(root, f)
                 rel = os.path.relpath(full, self.folder)

@@ -18,13 +18,10 @@ template <typename T>
 void launch_shape(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
                   int log2_bs, int qt, void *y, cudaStream_t s) {
     const bool two_rows = qk::ceil_div(n_out, 32) >= 2 * qk::sm_count();
-    if (batch <= 8) {
-        if (two_rows) launch<T, 1, 2>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else launch<T, 1, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-    } else {
-        if (two_rows) launch<T, 2, 2>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else launch<T, 2, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-    }
+    /* two batch tiles keep one row tile per warp: more registers per row tile would halve residency */
+    if (batch > 8) launch<T, 2, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+    else if (two_rows) launch<T, 1, 2>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+    else launch<T, 1, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
 }
 
 }  // namespace

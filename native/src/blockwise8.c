@@ -38,12 +38,12 @@ static void quantize_codes_scalar(const b8_job *job, int64_t start, int64_t end,
 }
 
 #ifdef QCKPT_HAVE_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f")
 #include <immintrin.h>
 
-/* nearest_even for 16 lanes: the same 8 probes, as gathers from the padded midpoint table. */
-static void quantize_codes_avx512(const b8_job *job, int64_t start, int64_t end, float r) {
+/* nearest_even for 16 lanes: the same 8 probes, as gathers from the padded midpoint table. A function
+ * target attribute (not a file-wide pragma) keeps the rest of this file baseline x86-64. */
+__attribute__((target("avx512f"))) static void quantize_codes_avx512(const b8_job *job, int64_t start, int64_t end,
+                                                                     float r) {
     const __m512 vr = _mm512_set1_ps(r);
     const __m512i one = _mm512_set1_epi32(1);
     int64_t i = start;
@@ -61,7 +61,6 @@ static void quantize_codes_avx512(const b8_job *job, int64_t start, int64_t end,
     }
     quantize_codes_scalar(job, i, end, r);
 }
-#pragma GCC pop_options
 #endif
 
 static void quantize_range(void *ctx, int64_t b0, int64_t b1, int32_t worker) {

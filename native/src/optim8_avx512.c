@@ -1,12 +1,13 @@
 /* optim8_avx512.c -- AVX-512 (F+BW+VL) variant of the fused 8-bit AdamW step, 16 lanes. The same float32
  * operations in the same order as qk_adam8_scalar (optim8.c), so parameters and states come out
  * identical (tests/test_optim_kernel.py compares the variants). Dequantization gathers from the 256-entry
- * map; code selection is the scalar's branchless binary search, its 8 levels unrolled into per-level
- * tables (level with step s probes t[j*2s + s-1], j = idx / 2s) so every probe is a register permute. */
+ * map; code selection uses the bucket table (optim8.h) when the call built one, else the scalar's
+ * branchless binary search with its 8 levels unrolled into per-level tables (level with step s probes
+ * t[j*2s + s-1], j = idx / 2s) so every probe is a register permute. */
 #include "optim8.h"
 
 #ifdef QCKPT_HAVE_X86
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
+#pragma GCC target("avx512f,avx512bw,avx512vl")
 #include <immintrin.h>
 
 typedef struct {
@@ -62,20 +63,6 @@ static inline __m512i codes16(__m512 x, const search_tables *t) {
     return level_step(idx, _mm512_mask_blend_ps(hi6, lo, hi), x, 1);
 }
 
-/* 16-lane gathers as two 8-lane ones: zmm gathers are microcoded and slower per element on some cores
- * (measured on AMD EPYC here: the whole step ran ~25% faster this way). */
-static inline __m512 gather16_ps(const float *base, __m512i idx) {
-    __m256 lo = _mm256_i32gather_ps(base, _mm512_castsi512_si256(idx), 4);
-    __m256 hi = _mm256_i32gather_ps(base, _mm512_extracti64x4_epi64(idx, 1), 4);
-    return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-}
-
-static inline __m512i gather16_epi32(const uint32_t *base, __m512i idx) {
-    __m256i lo = _mm256_i32gather_epi32((const int *)base, _mm512_castsi512_si256(idx), 4);
-    __m256i hi = _mm256_i32gather_epi32((const int *)base, _mm512_extracti64x4_epi64(idx, 1), 4);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-}
-
 /* qk_code_lut for 16 lanes: one gather from the bucket table and one compare. */
 static inline __m512i codes16_lut(__m512 x, const uint32_t *lut) {
     const __m512i bits = _mm512_castps_si512(x);
@@ -86,7 +73,7 @@ static inline __m512i codes16_lut(__m512 x, const uint32_t *lut) {
     key = _mm512_min_epu32(_mm512_max_epu32(key, _mm512_set1_epi32(QK_LUT_KEY_MIN)), _mm512_set1_epi32(QK_LUT_KEY_MAX));
     __m512i idx = _mm512_sub_epi32(key, _mm512_set1_epi32(QK_LUT_KEY_MIN));
     idx = _mm512_mask_add_epi32(idx, neg, idx, _mm512_set1_epi32(QK_LUT_BUCKETS));
-    const __m512i e = gather16_epi32(lut, idx);
+    const __m512i e = _mm512_i32gather_epi32(idx, (const int *)lut, 4);
     const __m512i low16 = _mm512_set1_epi32(0xFFFF);
     const __m512i low = _mm512_and_si512(mag, low16), t = _mm512_and_si512(e, low16);
     const __mmask16 inc = _mm512_mask_cmpgt_epu32_mask((__mmask16)~neg, low, t) | _mm512_mask_cmplt_epu32_mask(neg, low, t);
@@ -194,8 +181,8 @@ void qk_adam8_avx512(const qk_adam_args *a, int64_t b0, int64_t b1) {
                 mc = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, a->m_codes + k));
                 vc = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, a->v_codes + k));
             }
-            __m512 m0 = _mm512_mul_ps(gather16_ps(a->m_map, mc), am);
-            __m512 v0 = _mm512_mul_ps(gather16_ps(a->v_map, vc), av);
+            __m512 m0 = _mm512_mul_ps(_mm512_i32gather_ps(mc, a->m_map, 4), am);
+            __m512 v0 = _mm512_mul_ps(_mm512_i32gather_ps(vc, a->v_map, 4), av);
             __m512 g = _mm512_castsi512_ps(
                 _mm512_xor_si512(_mm512_castps_si512(load16(a->grad, a->grad_dtype, k, mask)), sign_flip));
             __m512 m = _mm512_add_ps(_mm512_mul_ps(m0, beta1), _mm512_mul_ps(g, omb1));

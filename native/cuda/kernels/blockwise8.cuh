@@ -60,6 +60,60 @@ __global__ void __launch_bounds__(256) quantize_blockwise8_kernel(const float *_
     }
 }
 
+/* The same for blocksize 256 (double quantization): one warp per block, 8 elements per lane in
+ * registers, a shuffle reduction and one pass; x 16-byte aligned. */
+__global__ void __launch_bounds__(256) quantize_blockwise8_warp256_kernel(
+    const float *__restrict__ x, int64_t n, const float *__restrict__ code, int center,
+    unsigned long long *__restrict__ ws, uint8_t *__restrict__ codes, float *__restrict__ absmax) {
+    __shared__ float mids[255];
+    if (center && ws[kWsBad] != kNoBadIndex) return; /* see quantize_blockwise8_kernel */
+    for (int i = threadIdx.x; i < 255; i += blockDim.x) mids[i] = __fmul_rn(__fadd_rn(code[i], code[i + 1]), 0.5f);
+    const float offset = center ? __uint_as_float((uint32_t)ws[kWsMean]) : 0.0f;
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int64_t nb = ceil_div(n, 256), warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nb; b += warps) {
+        const int64_t i0 = b * 256 + lane * 8;
+        float v[8];
+        if (i0 + 8 <= n) {
+            const float4 p = __ldg(reinterpret_cast<const float4 *>(x + i0));
+            const float4 q = __ldg(reinterpret_cast<const float4 *>(x + i0) + 1);
+            v[0] = p.x, v[1] = p.y, v[2] = p.z, v[3] = p.w, v[4] = q.x, v[5] = q.y, v[6] = q.z, v[7] = q.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = i0 + j < n ? x[i0 + j] : 0.0f;
+        }
+        uint32_t m = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (center) v[j] = __fsub_rn(v[j], offset);
+            if (i0 + j < n) m = max(m, __float_as_uint(v[j]) & 0x7FFFFFFFu);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(kFullMask, m, o));
+        if (m >= 0x7F800000u) {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (i0 + j < n && (__float_as_uint(v[j]) & 0x7FFFFFFFu) >= 0x7F800000u)
+                    atomicMin(&ws[kWsBad], (unsigned long long)(i0 + j));
+            continue;
+        }
+        const float amax = __uint_as_float(m);
+        if (lane == 0) absmax[b] = amax;
+        const float r = __frcp_rn(amax);
+        uint8_t c[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) c[j] = nearest_even(mids, __fmul_rn(v[j], r));
+        if (i0 + 8 <= n) {
+            *reinterpret_cast<uint2 *>(codes + i0) = *reinterpret_cast<const uint2 *>(c);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                if (i0 + j < n) codes[i0 + j] = c[j];
+        }
+    }
+}
+
 __global__ void dequantize_blockwise8_kernel(const uint8_t *__restrict__ codes, const float *__restrict__ absmax,
                                              int64_t n, int64_t bs, const float *__restrict__ code, float offset,
                                              float *__restrict__ out) {

@@ -47,7 +47,7 @@ __device__ __forceinline__ int floor_small(float v) {
 __device__ __forceinline__ uint32_t code_nf4(const CodeCell *cells, float xn) {
     const float v = fminf(fmaxf(__fmul_rn(xn, 32.0f), -32.0f), 31.0f);
     const CodeCell cell = cells[floor_small(v) + 32];
-    return xn > cell.t ? cell.codes >> 8 : cell.codes & 0xFF;
+    return (cell.codes & 0xFF) + (xn > cell.t); /* NF4 codes count thresholds: above = below + 1 */
 }
 
 __device__ __forceinline__ uint32_t code_fp4(const CodeCell *cells, float xn) {

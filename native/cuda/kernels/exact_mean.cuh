@@ -10,49 +10,55 @@
 
 namespace qk {
 
-/* 16-bit limbs (in 32-bit words) so each long-division step fits u64: rem < n < 2^39, rem * 2^16 + limb < 2^55.
- * The sum is scaled by 2^80 before dividing so the quotient keeps >= 40 significant bits. */
-constexpr int kFracBits = 80, kLimbs = (256 + 64 + kFracBits) / 16 + 1;
+/* The sum as 16-bit limbs in 32-bit words: bins[e] * 2^e needs up to 255 + 64 bits. */
+constexpr int kLimbs = (256 + 64) / 16 + 2;
 
+/* Round (sum_e bins[e] * 2^(e - 150)) / count to float32, ties to even; count < 2^39.
+ * Only the top 64 bits T of the sum enter the one division: with total = T * 2^E + low (low < 2^E),
+ * total / count = floor(T / count) * 2^E + (rem * 2^E + low) / count, and the last term is below 2^E,
+ * so Q = floor(T / count) holds every quotient bit at or above 2^E and the rest is nonzero exactly when
+ * rem or low is. T has its top bit set, so Q >= 2^63 / 2^39 = 2^24: 24 bits and a rounding bit. */
 __host__ __device__ inline float mean_from_bins(const unsigned long long *bins, unsigned long long count) {
     uint32_t limb[kLimbs];
     for (int i = 0; i < kLimbs; i++) limb[i] = 0;
+    int top = -1;
     for (int e = 0; e < 256; e++) {
         const unsigned long long v = bins[e];
         if (!v) continue;
-        const int pos = e + kFracBits, li = pos >> 4, sh = pos & 15;
+        const int li = e >> 4, sh = e & 15;
         const unsigned long long lo = v << sh, hi = sh ? v >> (64 - sh) : 0; /* v * 2^sh = hi:lo */
         unsigned long long carry = 0;
         for (int k = 0; li + k < kLimbs; k++) {
             const unsigned long long piece = k < 4 ? (lo >> (16 * k)) & 0xFFFF : (k == 4 ? hi : 0);
-            const unsigned long long s = limb[li + k] + piece + carry;
-            limb[li + k] = (uint32_t)(s & 0xFFFF);
-            carry = s >> 16;
+            const unsigned long long sum = limb[li + k] + piece + carry;
+            limb[li + k] = (uint32_t)(sum & 0xFFFF);
+            carry = sum >> 16;
+            if (limb[li + k] && li + k > top) top = li + k;
             if (k >= 4 && carry == 0) break;
         }
     }
-    /* quotient limbs, most significant first; the remainder only matters as a sticky bit */
-    unsigned long long rem = 0;
-    int top = -1;
-    for (int i = kLimbs - 1; i >= 0; i--) {
-        const unsigned long long cur = (rem << 16) | limb[i];
-        limb[i] = (uint32_t)(cur / count);
-        rem = cur % count;
-        if (top < 0 && limb[i]) top = i;
-    }
-    if (top < 0) return 0.0f; /* mean below 2^-230 can only be an exact zero sum */
-    int p = top * 16 + 15;
+    if (top < 0) return 0.0f;
+    int p = top * 16 + 15; /* highest set bit of the sum */
     while (!((limb[p >> 4] >> (p & 15)) & 1)) p--;
-    /* value = Q * 2^-(150 + kFracBits), Q in [2^p, 2^(p+1)) */
-    const int e = p - 150 - kFracBits;
+    const int E = p - 63; /* T = bits [E, E + 64) of the sum; E < 0 shifts left, exactly */
+    unsigned long long T = 0;
+    for (int b = p; b > p - 64; b--) T = (T << 1) | (b >= 0 ? (limb[b >> 4] >> (b & 15)) & 1 : 0);
+    bool sticky = false; /* any sum bit below E */
+    for (int b = E - 1; b >= 0 && !sticky; b--) sticky = (limb[b >> 4] >> (b & 15)) & 1;
+    const unsigned long long Q = T / count;
+    sticky = sticky || T - Q * count != 0;
+    int P = 63; /* highest set bit of Q */
+    while (!((Q >> P) & 1)) P--;
+    /* mean = Q * 2^(E - 150) + a fraction of 2^(E - 150) that is nonzero iff sticky */
+    const int e = P + E - 150;
     const int ulp = (e < -126 ? -126 : e) - 23; /* float32 spacing at this magnitude */
-    const int d = ulp + 150 + kFracBits;         /* quotient bits below one ulp (>= 1 here) */
-    unsigned long long m = 0;
-    for (int b = p; b >= d; b--) m = (m << 1) | ((limb[b >> 4] >> (b & 15)) & 1);
-    const bool round = (limb[(d - 1) >> 4] >> ((d - 1) & 15)) & 1;
-    bool sticky = rem != 0;
-    for (int b = d - 2; b >= 0 && !sticky; b--) sticky = (limb[b >> 4] >> (b & 15)) & 1;
-    if (round && (sticky || (m & 1))) m++;
+    const int d = ulp - (E - 150);              /* quotient bits below one ulp (>= 1) */
+    const int rp = d - 1; /* position of the rounding bit in Q */
+    const unsigned long long m0 = d >= 64 ? 0 : Q >> d;
+    const bool round = rp < 64 && ((Q >> rp) & 1);
+    const unsigned long long below = rp >= 64 ? Q : (rp > 0 ? Q & ((1ull << rp) - 1) : 0);
+    sticky = sticky || below != 0;
+    const unsigned long long m = m0 + (round && (sticky || (m0 & 1)));
     return ldexpf((float)m, ulp);
 }
 
@@ -91,12 +97,12 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = atomicAdd(&ws[kWsBins + i], 0ull);
+    /* read the totals and leave the workspace reusable: the next call starts from zero sums */
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = atomicExch(&ws[kWsBins + i], 0ull);
     __syncthreads();
     if (threadIdx.x == 0) {
         ws[kWsMean] = __float_as_uint(mean_from_bins(bins, (unsigned long long)n));
-        ws[kWsCounter] = 0; /* reusable: the next call on this workspace starts its count again */
-        for (int i = 0; i < 256; i++) ws[kWsBins + i] = 0;
+        ws[kWsCounter] = 0;
     }
 }
 

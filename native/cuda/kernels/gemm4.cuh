@@ -50,7 +50,10 @@ template <int NT, int R>
 struct GemmFrag {
     uint4 x[NT][4];
     uint4 w[R][2];
+    /* raw scale inputs, combined only in gemm_compute: a lookup here would wait for its load and
+     * stall the prefetch (plain scales: absmax in `scale`; nested: code index and absmax2) */
     float scale[R][2];
+    uint32_t code_index[R][2];
 };
 
 template <typename T, int NT, int R>
@@ -75,11 +78,18 @@ __device__ __forceinline__ void gemm_load(GemmFrag<NT, R> &f, const T *__restric
             const int64_t n = n0 + r * 16 + h * 8 + g;
             if (kin && n < n_out) {
                 const int64_t flat = n * k + kb;
+                const int64_t b = flat >> log2_bs;
                 f.w[r][h] = __ldg(reinterpret_cast<const uint4 *>(packed + (flat >> 1)));
-                f.scale[r][h] = block_scale(scales, code, flat >> log2_bs);
-            } else { /* zero scale: finite zero weights, and x is zero past k */
+                if (scales.absmax) {
+                    f.scale[r][h] = __ldg(scales.absmax + b);
+                } else {
+                    f.scale[r][h] = __ldg(scales.absmax2 + (b >> scales.log2_bs2));
+                    f.code_index[r][h] = __ldg(scales.codes + b);
+                }
+            } else { /* finite weights: past k, x is zero; past n_out, the row is not stored */
                 f.w[r][h] = make_uint4(0, 0, 0, 0);
                 f.scale[r][h] = 0.0f;
+                f.code_index[r][h] = 0;
             }
         }
 }
@@ -112,12 +122,18 @@ template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply */
 };
 
 template <typename T, int NT, int R>
-__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable &tab, float (&acc)[R][NT][4]) {
+__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable &tab, const Scales &scales,
+                                             const float *code, float (&acc)[R][NT][4]) {
     PairDequant<T> deq[R][2];
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) deq[r][h] = PairDequant<T>(f.scale[r][h]);
+        for (int h = 0; h < 2; h++) {
+            /* the block scale exactly as block_scale(): two float32 roundings when nested */
+            const float s = scales.absmax ? f.scale[r][h]
+                                          : __fadd_rn(__fmul_rn(code[f.code_index[r][h]], f.scale[r][h]), scales.offset);
+            deq[r][h] = PairDequant<T>(s); /* outside the weight: finite, and multiplied by zero x or discarded */
+        }
 #pragma unroll
     for (int j = 0; j < 8; j++) {
 #pragma unroll
@@ -140,7 +156,7 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
 }
 
 template <typename T, int NT, int R>
-__global__ void __launch_bounds__(kGemmWarps * 32) gemm_4bit_kernel(const T *__restrict__ x, int batch,
+__global__ void __launch_bounds__(kGemmWarps * 32, 2) gemm_4bit_kernel(const T *__restrict__ x, int batch,
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
@@ -171,7 +187,7 @@ __global__ void __launch_bounds__(kGemmWarps * 32) gemm_4bit_kernel(const T *__r
     for (int64_t s = warp; s < steps; s += kGemmWarps) {
         if (s + kGemmWarps < steps)
             gemm_load<T, NT, R>(nxt, x, batch, packed, scales, code, n_out, k, log2_bs, n0, s + kGemmWarps, g, t);
-        gemm_compute<T, NT, R>(cur, tab, acc);
+        gemm_compute<T, NT, R>(cur, tab, scales, code, acc);
         cur = nxt;
     }
 
