@@ -88,6 +88,24 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / ms / 1e6
 
 
+def kernel_profile(fn, path):
+    """Per-kernel device time of fn() (torch.profiler), printed and saved: where a pipeline spends it."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+    except Exception as exc:  # noqa: BLE001 - profiling is informative only
+        table = f"profiler failed: {exc}"
+    print(table)
+    path.write_text(table)
+
+
 def fmt(ms):
     return "—" if ms is None else f"{ms:.4f}"
 
@@ -134,6 +152,8 @@ def main():
                       for x in xs])
     rows.append(dict(op=f"quantize NF4+DQ {n_out}x{k} bf16", ours=ours, ours_api=api, bnb=base, torch=None,
                      bytes=floor_bytes))
+    kernel_profile(lambda: kcuda.quantize_4bit(xs[0], QuantType.NF4, 64, double_quant=True, workspace=ws, code=code),
+                   out / "profile_quantize.txt")
     # bytes check against bitsandbytes' own CUDA quantizer, for information
     if bnbf is not None:
         packed_b, _ = bnbf.quantize_4bit(xs[0], blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -165,6 +185,8 @@ def main():
             nbytes = n_out * k // 2 + n_out * k // 64 + batch * (k + n_out) * 2
             rows.append(dict(op=f"matmul batch {batch} {n_out}x{k}", ours=ours, ours_api=api, bnb=base, torch=tb,
                              bytes=nbytes, rel_err=err))
+            if batch == 128 and n_out == SHAPES[0][0]:
+                kernel_profile(lambda: kcuda.gemm_4bit(x, qts[0], workspace=scratch), out / "profile_gemm128.txt")
         del ws_t, qts, bnb_w, scratch
 
     lines = [f"Card: {card}; date {date}; torch {torch.__version__}; bitsandbytes {getattr(bnb, '__version__', '—')}; "

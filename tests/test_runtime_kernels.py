@@ -14,12 +14,12 @@ REL_TOL = 2e-6
                                                (33, 256, 4096), (17, 160, 64), (9, 48, 32)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_gemm_4bit_matches_dequantized_matmul(n_out, k, blocksize, quant_type, cpu_isas, gen, awkward):
-    """Batch 1..9 (the single-row and the multi-row code paths), shapes the SIMD rows take (k % 32 == 0)
+    """Batch 1..9 (the in-register path up to 4 rows, the dequantized-row path above), shapes the SIMD rows take (k % 32 == 0)
     and shapes that fall back to scalar rows (blocks straddling rows, k % 32 != 0)."""
     qt = converter.quantize(awkward((n_out, k), torch.float32, blocksize, gen), quant_type, blocksize, True)
     absmax = qt.block_absmax()
     weight = qt.dequantize(torch.float32).double()
-    for batch in (1, 4, 9):
+    for batch in (1, 2, 3, 4, 5, 9):
         x = torch.randn(batch, k, generator=gen)
         ref = x.double() @ weight.T
         for isa in cpu_isas:

@@ -130,6 +130,16 @@ def test_linear8bit_plain_path_is_dequantized_matmul(gen):
         assert torch.equal(module(x), F.linear(x, qt.dequantize(torch.float32)))
 
 
+def test_linear8bit_backward_uses_dequantized_weight(gen):
+    """Through an LLM.int8 layer the input gradient is grad_y @ dequant(W), as bitsandbytes computes it."""
+    qt = converter.quantize(torch.randn(20, 33, generator=gen), "int8")
+    module = Linear8bit.from_quantized(qt, compute_dtype=torch.float32, threshold=6.0)
+    x = torch.randn(4, 33, generator=gen, requires_grad=True)
+    g = torch.randn(4, 20, generator=gen)
+    module(x).backward(g)
+    torch.testing.assert_close(x.grad, g @ qt.dequantize(torch.float32))
+
+
 def test_linear8bit_state_dict_keys(gen):
     """Linear8bit writes weight, bias, SCB, weight_format like bitsandbytes, and reloads them."""
     qt = converter.quantize(torch.randn(12, 30, generator=gen), "int8")

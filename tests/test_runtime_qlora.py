@@ -91,3 +91,21 @@ def test_qlora_trains_adapters_only(tmp_path, seed):
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=batch[:1, :16]).logits, trained_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_for_qlora_bf16_model(tmp_path, seed):
+    """On a bf16 checkpoint: every base parameter frozen, half-precision norms/embeddings made float32,
+    tied lm_head still shared, quantized layers keep their bf16 compute dtype, input grads enabled."""
+    from runtime_checkpoints import tiny_llama
+
+    folder = write_quantized(tiny_llama(seed, dtype=torch.bfloat16, tied=True), tmp_path / "q", "nf4",
+                             compute_dtype="bfloat16")
+    model = converter.prepare_for_qlora(converter.load_quantized(folder), gradient_checkpointing=False)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(seed))
+    hidden = model.model.embed_tokens(ids)
+    assert hidden.requires_grad  # enable_input_require_grads: checkpointed blocks see a grad-requiring input

@@ -94,9 +94,14 @@ def new_workspace(device) -> torch.Tensor:
     return torch.empty(lib.QCKPT_CUDA_WORKSPACE_WORDS, dtype=torch.int64, device=device)
 
 
+@functools.cache
+def _dynamic_map() -> tuple:
+    return cb.dynamic_map_signed()  # a constant, built with a Python loop: computed once
+
+
 def nested_code(device) -> torch.Tensor:
     """The signed dynamic map of double quantization, on `device`."""
-    return torch.tensor(cb.dynamic_map_signed(), dtype=torch.float32).to(device)
+    return torch.tensor(_dynamic_map(), dtype=torch.float32).to(device)
 
 
 def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: str = "", *, cols: int = 0) -> float:

@@ -55,7 +55,7 @@ class _QuantizedLinear(nn.Linear):
         return self.weight is not None and self.weight.device.type != "meta"
 
     def set_quantized(self, qt: QuantizedTensor, name: str = "") -> None:
-        """Install a quantized weight (its buffers move to where the bias lives, or stay where they are)."""
+        """Install a quantized weight as this module's buffers (they stay on the tensor's device)."""
         if tuple(qt.shape) != (self.out_features, self.in_features):
             raise ModelLoadError(
                 f"{name or 'weight'}: quantized shape {list(qt.shape)} does not match the model's "

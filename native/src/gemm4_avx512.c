@@ -2,9 +2,9 @@
  * y (batch, n_out) = x (batch, k) @ dequant(W (n_out, k))^T, for weights whose rows split into whole
  * 32-element chunks that each sit inside one block (k % 32 == 0, blocksize % 32 == 0); gemm4.c routes
  * other shapes to the scalar rows. 16 packed bytes -> 32 nibbles -> two vpermps lookups of the 16-entry
- * code table. batch 1 accumulates each block's code*x products and scales once per block (fewer
- * multiplies than dequantize-then-dot: same value up to float32 rounding order); batch > 1 dequantizes
- * the row once (exactly as qckpt_dequantize_4bit: LUT * absmax) and dots it with every x row.
+ * code table. Up to 4 x rows accumulate each block's code*x products and scale once per block (fewer
+ * multiplies than dequantize-then-dot: the same value up to float32 rounding order); more rows
+ * dequantize the weight row once (exactly as qckpt_dequantize_4bit: LUT * absmax) and dot it with them.
  * Tested against dequantize + torch matmul within a stated tolerance (tests/test_runtime_kernels.py). */
 #include "gemm4.h"
 
@@ -22,28 +22,37 @@ static inline void decode32(const uint8_t *p, __m512 lut, __m512 *v0, __m512 *v1
     *v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), lut);
 }
 
-static float row_dot_batch1(const qk_gemm4_args *a, int64_t r, __m512 lut) {
+/* Up to 4 x rows against one weight row, decoding each 32-code chunk once: per x row, the block's
+ * code*x products accumulate unscaled and are scaled once at the block end. `nb` is a compile-time
+ * constant at every call site, so the loops over it unroll and the accumulators stay in registers. */
+static inline void row_dot_small(const qk_gemm4_args *a, int64_t r, __m512 lut, const int nb, const float *x,
+                                 float *out) {
     const int64_t k = a->k, bs = a->blocksize, flat = r * k;
     const uint8_t *p = a->packed + flat / 2;
-    const float *x = a->x;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m512 acc[4][2];
+    for (int j = 0; j < nb; j++) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
     int64_t c = 0;
     while (c < k) {
         const int64_t block = (flat + c) / bs;
         int64_t end = (block + 1) * bs - flat;
         if (end > k) end = k;
-        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        __m512 part[4][2];
+        for (int j = 0; j < nb; j++) part[j][0] = part[j][1] = _mm512_setzero_ps();
         for (; c < end; c += 32) {
             __m512 v0, v1;
             decode32(p + c / 2, lut, &v0, &v1);
-            b0 = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + c), b0);
-            b1 = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + c + 16), b1);
+            for (int j = 0; j < nb; j++) {
+                part[j][0] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(x + j * k + c), part[j][0]);
+                part[j][1] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + j * k + c + 16), part[j][1]);
+            }
         }
         const __m512 scale = _mm512_set1_ps(a->absmax[block]);
-        acc0 = _mm512_fmadd_ps(b0, scale, acc0);
-        acc1 = _mm512_fmadd_ps(b1, scale, acc1);
+        for (int j = 0; j < nb; j++) {
+            acc[j][0] = _mm512_fmadd_ps(part[j][0], scale, acc[j][0]);
+            acc[j][1] = _mm512_fmadd_ps(part[j][1], scale, acc[j][1]);
+        }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    for (int j = 0; j < nb; j++) out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
 }
 
 static void dequant_row(const qk_gemm4_args *a, int64_t r, __m512 lut, float *w) {
@@ -84,22 +93,32 @@ static void dot32x4(const float *w, const float *x, int64_t k, float *out) {
     out[3] = _mm512_reduce_add_ps(acc3);
 }
 
-/* Rows [r0, r1); `w` is a k-float scratch row (used when batch > 1). */
+/* Rows [r0, r1). Up to 4 x rows: decode once per chunk and multiply in registers. More rows: dequantize
+ * each weight row once into `w` (a k-float scratch row) and dot it with 4 x rows at a time. */
 void qk_gemm4_rows_avx512(const qk_gemm4_args *a, int64_t r0, int64_t r1, float *w) {
     const __m512 lut = _mm512_loadu_ps(a->lut);
-    if (a->batch == 1) {
-        for (int64_t r = r0; r < r1; r++) a->y[r] = row_dot_batch1(a, r, lut);
+    const int64_t n = a->n_out;
+    float out[4];
+    if (a->batch <= 4) {
+        for (int64_t r = r0; r < r1; r++) {
+            switch (a->batch) { /* constant nb per case: the inner loops unroll */
+            case 1: row_dot_small(a, r, lut, 1, a->x, out); break;
+            case 2: row_dot_small(a, r, lut, 2, a->x, out); break;
+            case 3: row_dot_small(a, r, lut, 3, a->x, out); break;
+            default: row_dot_small(a, r, lut, 4, a->x, out); break;
+            }
+            for (int64_t b = 0; b < a->batch; b++) a->y[b * n + r] = out[b];
+        }
         return;
     }
     for (int64_t r = r0; r < r1; r++) {
         dequant_row(a, r, lut, w);
         int64_t b = 0;
         for (; b + 4 <= a->batch; b += 4) {
-            float out[4];
             dot32x4(w, a->x + b * a->k, a->k, out);
-            for (int j = 0; j < 4; j++) a->y[(b + j) * a->n_out + r] = out[j];
+            for (int j = 0; j < 4; j++) a->y[(b + j) * n + r] = out[j];
         }
-        for (; b < a->batch; b++) a->y[b * a->n_out + r] = dot32(w, a->x + b * a->k, a->k);
+        for (; b < a->batch; b++) a->y[b * n + r] = dot32(w, a->x + b * a->k, a->k);
     }
 }
 #endif

@@ -58,6 +58,35 @@ __device__ __forceinline__ uint32_t code_fp4(const CodeCell *cells, float xn) {
     return mag | (xn < 0.0f ? 8u : 0u);
 }
 
+/* NF4 fast path for blocks whose absmax is >= 2^-120 (every realistic block): cells are indexed by
+ * v32 = x * (r * 32), thresholds are stored times 32, and no clamp is needed. Same codes: r * 32 is exact
+ * here, so v32 = 32 * (x * r) exactly whenever x * r is normal or zero (a power-of-two scale commutes
+ * with rounding); when x * r is subnormal both forms give code 7 (between the thresholds around 0).
+ * |x| <= absmax bounds |v32| by 32 * (1 + 2^-22): floor(v32) + 33 lies in [0, 65]. */
+struct FastCell {
+    float t32;  /* 32 * the threshold inside the cell, or +inf */
+    int base;   /* thresholds below the cell */
+};
+
+constexpr int kFastCells = 66;
+constexpr float kFastMinAbsmax = 0x1p-120f;
+
+__device__ inline FastCell make_fast_cell(int c) {
+    const float lo = (float)(c - 33) * 0.03125f, hi = lo + 0.03125f;
+    int below = 0;
+    float inside = __int_as_float(0x7F800000);
+    for (int i = 0; i < 15; i++) {
+        below += kNF4Thresholds[i] < lo;
+        if (kNF4Thresholds[i] >= lo && kNF4Thresholds[i] < hi) inside = __fmul_rn(kNF4Thresholds[i], 32.0f);
+    }
+    return FastCell{inside, below};
+}
+
+__device__ __forceinline__ uint32_t code_nf4_fast(const FastCell *cells, float v32) {
+    const FastCell cell = cells[floor_small(v32) + 33];
+    return cell.base + (v32 > cell.t32);
+}
+
 }  // namespace qk
 
 #endif

@@ -20,7 +20,6 @@
 
 namespace qk {
 
-constexpr int kGemmWarps = 8;
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
@@ -155,14 +154,15 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
     }
 }
 
-template <typename T, int NT, int R>
-__global__ void __launch_bounds__(kGemmWarps * 32, 2) gemm_4bit_kernel(const T *__restrict__ x, int batch,
+/* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed. */
+template <typename T, int NT, int R, int W, int DEPTH>
+__global__ void __launch_bounds__(W * 32, 8 / W * 2) gemm_4bit_kernel(const T *__restrict__ x, int batch,
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
     __shared__ PairTable tab;
     __shared__ float code[256];
-    __shared__ float red[kGemmWarps][R][NT][4][32];
+    __shared__ float red[W][R][NT][4][32];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) {
         const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
         tab.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
@@ -181,14 +181,18 @@ __global__ void __launch_bounds__(kGemmWarps * 32, 2) gemm_4bit_kernel(const T *
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[r][nt][q] = 0.0f;
 
-    /* software pipeline: the next step's loads are in flight while this step computes */
-    GemmFrag<NT, R> cur, nxt;
+    /* software pipeline: the next DEPTH steps' loads are in flight while this step computes */
+    GemmFrag<NT, R> cur, n1, n2;
     if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
-    for (int64_t s = warp; s < steps; s += kGemmWarps) {
-        if (s + kGemmWarps < steps)
-            gemm_load<T, NT, R>(nxt, x, batch, packed, scales, code, n_out, k, log2_bs, n0, s + kGemmWarps, g, t);
+    if (DEPTH == 2 && warp + W < steps)
+        gemm_load<T, NT, R>(n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp + W, g, t);
+    for (int64_t s = warp; s < steps; s += W) {
+        if (s + DEPTH * W < steps)
+            gemm_load<T, NT, R>(DEPTH == 2 ? n2 : n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0,
+                                s + DEPTH * W, g, t);
         gemm_compute<T, NT, R>(cur, tab, scales, code, acc);
-        cur = nxt;
+        cur = n1;
+        if (DEPTH == 2) n1 = n2;
     }
 
 #pragma unroll
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(kGemmWarps * 32, 2) gemm_4bit_kernel(const T *
         const int ln = idx & 31, q = (idx >> 5) & 3, nt = (idx >> 7) % NT, r = (idx >> 7) / NT;
         float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kGemmWarps; w++) sum = __fadd_rn(sum, red[w][r][nt][q][ln]);
+        for (int w = 0; w < W; w++) sum = __fadd_rn(sum, red[w][r][nt][q][ln]);
         const int64_t row = n0 + r * 16 + (ln >> 2) + (q >= 2 ? 8 : 0);
         const int col = nt * 8 + 2 * (ln & 3) + (q & 1);
         if (row < n_out && col < batch) y[int64_t(col) * n_out + row] = from_f32<T>(sum);

@@ -31,14 +31,15 @@ __device__ __forceinline__ void load8(const T *__restrict__ x, int64_t i0, int64
 
 /* Codes of one chunk, packed (even index in the high nibble) and stored; a partial last chunk pads an
  * odd count with the code of 0.0. */
-template <bool NF4>
-__device__ __forceinline__ void store_chunk(const CodeCell *cells, const float v[8], float r, int64_t i0, int64_t n,
-                                            uint8_t *__restrict__ packed) {
+template <int MODE> /* 0: FP4, 1: NF4, 2: NF4 fast path (code4.cuh; `r` is then 32 / absmax) */
+__device__ __forceinline__ void store_chunk(const CodeCell *cells, const FastCell *fast, const float v[8], float r,
+                                            int64_t i0, int64_t n, uint8_t *__restrict__ packed) {
+    constexpr bool NF4 = MODE != 0;
     uint32_t c[8];
 #pragma unroll
     for (int q = 0; q < 8; q++) {
         const float xn = __fmul_rn(v[q], r);
-        c[q] = NF4 ? code_nf4(cells, xn) : code_fp4(cells, xn);
+        c[q] = MODE == 2 ? code_nf4_fast(fast, xn) : (MODE == 1 ? code_nf4(cells, xn) : code_fp4(cells, xn));
     }
     if (i0 + 8 <= n) {
         uint32_t word = 0;
@@ -61,7 +62,9 @@ __global__ void __launch_bounds__(256) quantize_4bit_kernel(const T *__restrict_
                                                             unsigned long long *__restrict__ bad_index) {
     constexpr int kBS = 8 * G * C, kGroupsPerWarp = 32 / G;
     __shared__ CodeCell cells[kCodeCells];
+    __shared__ FastCell fast[kFastCells];
     if (threadIdx.x < kCodeCells) cells[threadIdx.x] = make_code_cell(threadIdx.x, quant_type);
+    if (threadIdx.x < kFastCells) fast[threadIdx.x] = make_fast_cell(threadIdx.x);
     __syncthreads();
 
     const bool nf4 = quant_type == QCKPT_NF4;
@@ -116,12 +119,14 @@ __global__ void __launch_bounds__(256) quantize_4bit_kernel(const T *__restrict_
             const float amax = __uint_as_float(m[u]);
             if (sub == 0) absmax[b] = amax;
             const float r = __frcp_rn(amax); /* == 1.0f / amax, IEEE; 0 gives inf and NaN codes below */
+            const bool fast_nf4 = nf4 && amax >= kFastMinAbsmax;
 #pragma unroll
             for (int j = 0; j < C; j++) {
                 const int64_t i0 = start + int64_t(j * G + sub) * 8;
                 if (i0 >= n) continue;
-                if (nf4) store_chunk<true>(cells, v[u][j], r, i0, n, packed);
-                else store_chunk<false>(cells, v[u][j], r, i0, n, packed);
+                if (fast_nf4) store_chunk<2>(cells, fast, v[u][j], __fmul_rn(r, 32.0f), i0, n, packed);
+                else if (nf4) store_chunk<1>(cells, fast, v[u][j], r, i0, n, packed);
+                else store_chunk<0>(cells, fast, v[u][j], r, i0, n, packed);
             }
         }
     }
