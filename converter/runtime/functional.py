@@ -19,9 +19,9 @@ from ..formats.codebooks import QuantType
 from ..tensor import QuantizedTensor
 
 # Rows up to which the fused CPU kernel beats dequantize + torch matmul (scripts/bench_matmul.py, 2-core
-# AVX-512 dev box, 4096x4096 bf16, one thread: fused 0.68/1.87/2.62/4.62 ms at 1/2/4/8 rows against
-# 3.3-3.6 ms for dequantize + matmul).
-FUSED_MAX_ROWS = 4
+# AVX-512 dev box, 4096x4096 bf16, one thread: fused 0.5/1.2/2.5/3.7 ms at 1/4/8/12 rows against
+# 3.3-4 ms for dequantize + matmul).
+FUSED_MAX_ROWS = 8
 
 # LLM.int8 constants of bitsandbytes' CPU/default backend (FORMAT.md 4.1, 4.3), kept bit for bit.
 _INT8_MM_SCALE = 6.200124e-05  # ~1/127^2 with bitsandbytes' digit typo
