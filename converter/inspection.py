@@ -181,7 +181,7 @@ class HubRepo:
     def read_small(self, name: str) -> bytes | None:
         if name not in self._source.files:
             return None
-        with open(self._source._download_small(name), "rb") as f:
+        with open(self._source.download_small(name), "rb") as f:
             return f.read()
 
     def header(self, shard: str):

@@ -23,8 +23,9 @@ from . import _version
 from .errors import CheckpointError, OutputExistsError, QuantizationInputError
 from .formats import codebooks as cb
 from .formats.codebooks import QuantType
-from .plan import TensorPlan, assign_shards, plan_with_config, plan_without_config
+from .plan import PendingPlan, TensorPlan, assign_shards, plan_with_config, plan_without_config
 from .report import Report, TensorStat, model_card
+from .shards.digest import sha256_file
 from .shards.index import INDEX_NAME, index_json, shard_name
 from .shards.reader import SafetensorsFile
 from .shards.header import Entry
@@ -116,17 +117,10 @@ def _resolve_device(device) -> str:
     return str(device)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_text(path: str, text: str) -> str:
     data = text.encode("utf-8")
-    tmp = path + ".tmp"
+    # hidden temporary name: one a crash leaves behind is dropped by _publish, never moved into OUTPUT
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
@@ -186,6 +180,9 @@ class _Run:
         self.device = device
         self.threads = threads
         self.progress = progress
+        self.stream = None  # a publish.HubShardStream with --push-to
+        self.pending = None  # a plan.PendingPlan while work runs on its guess
+        self.plan = None  # the real plan, once a guess was confirmed
         self.timings = {"read_s": 0.0, "quantize_s": 0.0, "error_s": 0.0, "write_s": 0.0}
         self._scratch = {}  # slot -> float32 buffer, grown to the largest quantized tensor
 
@@ -285,10 +282,10 @@ def _load_progress(staging: str, fingerprint: str, n_out: int) -> dict:
     done = {}
     for key, entry in state.get("shards", {}).items():
         i = int(key)
-        if i >= n_out or entry.get("file") != shard_name(i, n_out):
+        if i >= n_out or entry.get("file") != shard_name(i, n_out) or "tensors" not in entry:
             continue
         full = os.path.join(staging, entry["file"])
-        if os.path.isfile(full) and _sha256(full) == entry["sha256"]:
+        if os.path.isfile(full) and sha256_file(full) == entry["sha256"]:
             done[i] = entry
     return done
 
@@ -331,8 +328,17 @@ def convert(
     overwrite: bool = False,
     progress: bool | None = None,
     retries: int | None = None,
+    push_to: str | None = None,
+    private: bool = False,
 ) -> Report:
-    """Quantize the checkpoint at `source` (folder, .safetensors file or Hub repo id) into `output`."""
+    """Quantize the checkpoint at `source` (folder, .safetensors file or Hub repo id) into `output`.
+
+    With `push_to` (a Hub repo id), each output shard is uploaded as soon as it is written and then deleted
+    locally, and one commit at the end adds the shards plus config, index, card and report; `output` keeps
+    only those small files. Nothing is committed unless the whole conversion succeeds. `--resume` cannot
+    reuse shards that were already pushed (they are gone locally): they are quantized again, and their
+    upload is skipped by the Hub, which already stores the identical bytes.
+    """
     from .settings import resolve_threads
     from .sources import open_source
 
@@ -352,10 +358,15 @@ def convert(
     try:
         t0 = time.perf_counter()
         infos = _collect_infos(src)
-        if src.config_dir is not None:
+        if src.config_dir is None:
+            plan = plan_without_config(infos, settings.skip)
+        elif resume or push_to is not None:
+            # no guessing: resume needs the real plan's fingerprint, and a push must not create a repo
+            # for a source whose config then turns out unusable
             plan = plan_with_config(infos, src.config_dir, settings.skip)
         else:
-            plan = plan_without_config(infos, settings.skip)
+            run.pending = PendingPlan(infos, src.config_dir, settings.skip)
+            plan = run.pending.guess
         assignment = assign_shards(plan, settings.quant, settings.blocksize, settings.double_quant,
                                    settings.max_shard_size)
         n_out = assignment[-1] + 1
@@ -363,7 +374,27 @@ def convert(
         fingerprint = _fingerprint(src, infos, settings, assignment)
         done = _load_progress(run.staging, fingerprint, n_out) if resume else {}
         _drop_stale_shards(run.staging, done)
-        stats = _convert_shards(run, src, plan, assignment, n_out, done, fingerprint)
+        if push_to is not None:
+            # made after planning, so a bad source creates no repo; before any work, so a bad token or
+            # repo name fails early
+            from .publish import stream_shards_to_hub
+
+            run.stream = stream_shards_to_hub(push_to, private=private, token=token)
+            run.stream.progress = progress
+            for out in sorted(done):  # finished by an interrupted run but maybe never uploaded
+                run.stream.add_shard(os.path.join(run.staging, done[out]["file"]), done[out]["file"])
+        try:
+            stats = _convert_shards(run, src, plan, assignment, n_out, done, fingerprint)
+        except _GuessWasWrong:
+            plan, run.pending = run.pending.result(), None
+            assignment = assign_shards(plan, settings.quant, settings.blocksize, settings.double_quant,
+                                       settings.max_shard_size)
+            n_out = assignment[-1] + 1
+            fingerprint = _fingerprint(src, infos, settings, assignment)
+            done = {}
+            _drop_stale_shards(run.staging, done)
+            stats = _convert_shards(run, src, plan, assignment, n_out, done, fingerprint)
+        plan = run.plan or plan
         report = _finish(run, src, plan, settings, stats, done, n_out, infos, start)
     except BaseException:
         src.close()
@@ -403,13 +434,21 @@ def _convert_shards(run, src, plan, assignment, n_out, done, fingerprint) -> dic
                     stats[i] = run.process_tensor(reader, tp, writer)
                     bar.update(tp.info.nbytes)
                     if i == last_of[out]:
+                        if run.pending is not None:  # nothing is committed on a guessed plan
+                            _confirm_plan(run)
                         t0 = time.perf_counter()
                         sha = writer.commit()
                         run.timings["write_s"] += time.perf_counter() - t0
+                        # the index is built from these, not by reopening the file (gone after a push)
                         done[out] = {"file": shard_name(out, n_out), "sha256": sha,
+                                     "tensors": {e.name: e.nbytes for e in writer.entries()},
                                      "stats": [stats[j].to_dict() for j in range(len(assignment)) if assignment[j] == out]}
                         _save_progress(run.staging, fingerprint, done)
                         writer = None
+                        if run.stream is not None:
+                            t0 = time.perf_counter()
+                            run.stream.add_shard(os.path.join(run.staging, done[out]["file"]), done[out]["file"])
+                            run.timings["push_s"] = run.timings.get("push_s", 0.0) + time.perf_counter() - t0
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -417,6 +456,21 @@ def _convert_shards(run, src, plan, assignment, n_out, done, fingerprint) -> dic
     finally:
         bar.close()
     return stats
+
+
+class _GuessWasWrong(Exception):
+    """The real plan differs from the guessed one the first shard was started on: start over with it."""
+
+
+def _confirm_plan(run) -> None:
+    """Wait for the real plan; keep the work done on the guess only if they are identical."""
+    t0 = time.perf_counter()
+    real = run.pending.result()
+    run.timings["plan_s"] += time.perf_counter() - t0  # the wait: what planning cost this run's wall time
+    run.timings["plan_thread_s"] = run.pending.seconds
+    if not run.pending.confirmed():
+        raise _GuessWasWrong()
+    run.plan, run.pending = real, None
 
 
 def _check_same_header(reader, plan, indices) -> None:
@@ -442,10 +496,9 @@ def _finish(run, src, plan, settings, stats, done, n_out, infos, start) -> Repor
     if n_out > 1:
         weight_map, total = {}, 0
         for out in range(n_out):
-            with SafetensorsFile(os.path.join(staging, done[out]["file"])) as f:
-                for t in f.header.tensors:
-                    weight_map[t.name] = done[out]["file"]
-                    total += t.nbytes
+            for tensor, nbytes in done[out]["tensors"].items():
+                weight_map[tensor] = done[out]["file"]
+                total += nbytes
         files[INDEX_NAME] = _write_text(os.path.join(staging, INDEX_NAME), index_json(weight_map, total))
     qconfig = None
     if src.config_dir is not None:
@@ -460,7 +513,7 @@ def _finish(run, src, plan, settings, stats, done, n_out, infos, start) -> Repor
         dest = os.path.join(staging, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         shutil.copyfile(full, dest)
-        files[rel] = _sha256(dest)
+        files[rel] = sha256_file(dest)
     run.timings["total_s"] = time.perf_counter() - start
     name = getattr(src, "repo_id", None) or os.path.basename(src.path.rstrip(os.sep))
     # a local folder's true Hub id is unknown (config `_name_or_path` often names the model it was
@@ -476,6 +529,12 @@ def _finish(run, src, plan, settings, stats, done, n_out, infos, start) -> Repor
                                      model_card(report, name, base))
     report = dataclasses.replace(report, files=files)
     _write_text(os.path.join(staging, REPORT_NAME), report.to_json())
+    if run.stream is not None:
+        # committed from staging, before anything moves into OUTPUT: a failed commit leaves no
+        # complete-looking folder, and the repo gets nothing
+        small = [(os.path.join(staging, rel), rel) for rel in [*files, REPORT_NAME] if rel not in run.stream.uploaded]
+        pushed = run.stream.finish(None, extra_files=small)
+        report = dataclasses.replace(report, push=pushed.to_dict())
     _publish(staging, run.output)
     return report
 

@@ -162,6 +162,43 @@ def plan_without_config(infos: list, skip_globs=()) -> Plan:
     return Plan(tuple(tensors), None, None)
 
 
+class PendingPlan:
+    """transformers' plan (plan_with_config) built in a background thread while the caller starts work on a
+    name-based guess (plan_without_config).
+
+    Building the skeleton means importing transformers' model code: seconds of a conversion that otherwise
+    takes a few more. The guess is right for the usual decoder LLMs (Linear weights quantized; embeddings,
+    norms, lm_head kept). Work done on it may be kept only once `confirmed()` says the real plan is
+    identical tensor for tensor (name, shard, quantize, transpose); otherwise the caller redoes it with the
+    real plan, so the output never depends on the guess.
+    """
+
+    def __init__(self, infos: list, config_dir: str, skip_globs=()):
+        import concurrent.futures
+        import time
+
+        self.guess = plan_without_config(infos, skip_globs)
+        self.seconds = None  # how long the real plan took to build, in its thread
+
+        def build():
+            t0 = time.perf_counter()
+            try:
+                return plan_with_config(infos, config_dir, skip_globs)
+            finally:
+                self.seconds = time.perf_counter() - t0
+
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qckpt-plan")
+        self._future = pool.submit(build)
+        pool.shutdown(wait=False)
+
+    def result(self) -> Plan:
+        """The real plan (waits for it; raises its errors, e.g. an unreadable config.json)."""
+        return self._future.result()
+
+    def confirmed(self) -> bool:
+        return self.result().tensors == self.guess.tensors
+
+
 def predicted_bytes(tp: TensorPlan, quant: str, blocksize: int, double_quant: bool) -> int:
     """Output bytes of one source tensor, from its shape (the quant-state JSON is estimated)."""
     from .formats.codebooks import NESTED_BLOCKSIZE

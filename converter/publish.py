@@ -75,6 +75,22 @@ def _hub_errors(repo_id: str, what: str):
         raise HubError(f"{repo_id}: {what} failed: {type(root).__name__}: {' '.join(str(root).split())}") from exc
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """huggingface_hub's bars off for the duration when not `enabled` (its switch is process-wide, so
+    it is restored after)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
 def _api(token, endpoint):
     from huggingface_hub import HfApi
 
@@ -161,6 +177,7 @@ class HubShardStream:
         self.revision = _prepare_repo(self._api, repo_id, private, revision)
         self._operations = {}  # path in repo -> CommitOperationAdd, already pre-uploaded
         self._finished = False
+        self.progress = True  # huggingface_hub's upload bars; the converter turns them off with its own
 
     def add_file(self, local_path, path_in_repo: str | None = None) -> None:
         """Upload one file's content now (LFS pre-upload); with delete_local, remove the local file after."""
@@ -173,7 +190,7 @@ class HubShardStream:
         if not os.path.isfile(local):
             raise SourceNotFoundError(f"{local}: no such file to upload")
         operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=local)
-        with _hub_errors(self.repo_id, f"uploading {name}"):
+        with _hub_errors(self.repo_id, f"uploading {name}"), _progress_bars(self.progress):
             self._api.preupload_lfs_files(self.repo_id, additions=[operation], revision=self.revision,
                                           repo_type="model")
         self._operations[name] = operation
@@ -182,6 +199,11 @@ class HubShardStream:
 
     # the converter's vocabulary: a shard is a file
     add_shard = add_file
+
+    @property
+    def uploaded(self) -> tuple:
+        """Paths in the repo pre-uploaded so far, in order."""
+        return tuple(self._operations)
 
     def finish(self, folder=None, *, message: str | None = None, extra_files=()) -> PushResult:
         """Commit every pre-uploaded file plus the files left in `folder` (and `extra_files`, as

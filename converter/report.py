@@ -48,6 +48,8 @@ class Report:
     quantization_config: dict | None
     model_class: str | None
     timings: dict = dataclasses.field(default_factory=dict)
+    push: dict | None = None  # publish.PushResult.to_dict() with --push-to (not in the saved report: it
+    # is committed by that push, so it cannot name the commit)
 
     @property
     def bytes_before(self) -> int:
@@ -94,6 +96,7 @@ class Report:
             "output": self.output, "source": self.source, "commit": self.commit,
             "quant": self.settings.get("quant"), **self.totals(),
             "seconds": self.timings.get("total_s"),
+            **({"pushed_to": self.push["repo_id"], "push_commit": self.push["commit"]} if self.push else {}),
         }
 
     def summary_text(self) -> str:
@@ -109,16 +112,22 @@ class Report:
             lines.append(f"  relative error: mean {t['relative_error_mean']:.4f}, max {t['relative_error_max']:.4f}")
         if self.timings.get("total_s") is not None:
             lines.append(f"  took {self.timings['total_s']:.2f} s")
+        if self.push:
+            lines.append(f"  pushed {len(self.push['files'])} files to {self.push['repo_id']}@{self.push['revision']}"
+                         f"{' commit ' + self.push['commit'] if self.push.get('commit') else ''}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "tool": "qckpt", "tool_version": self.tool_version, "source": self.source, "commit": self.commit,
             "output": self.output, "model_class": self.model_class, "settings": dict(self.settings),
             "quantization_config": self.quantization_config, "totals": self.totals(),
             "timings": dict(self.timings), "files": dict(sorted(self.files.items())),
             "tensors": [t.to_dict() for t in self.tensors],
         }
+        if self.push is not None:
+            d["push"] = dict(self.push)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
@@ -126,7 +135,7 @@ class Report:
             tool_version=d["tool_version"], source=d["source"], commit=d.get("commit"), output=d["output"],
             settings=dict(d["settings"]), tensors=tuple(TensorStat.from_dict(t) for t in d["tensors"]),
             files=dict(d.get("files", {})), quantization_config=d.get("quantization_config"),
-            model_class=d.get("model_class"), timings=dict(d.get("timings", {})),
+            model_class=d.get("model_class"), timings=dict(d.get("timings", {})), push=d.get("push"),
         )
 
     def to_json(self) -> str:

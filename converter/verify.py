@@ -18,13 +18,13 @@ Files are read with safetensors' `safe_open` (never pickle); nothing is written.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
 import torch
 
 from .errors import CheckpointError, SourceNotFoundError, StateDictError
+from .shards.digest import sha256_file
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,7 +36,6 @@ _4BIT_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_
 _8BIT_SUFFIXES = ("weight", "SCB", "weight_format")
 _QUANT_STATE_MARK = "weight.quant_state.bitsandbytes__"
 _STATS_SUFFIXES = ("weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
-_HASH_CHUNK = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,14 +79,6 @@ class VerifyResult:
 class _Findings(list):
     def add(self, where: str, message: str) -> None:
         self.append(Finding(where, " ".join(str(message).split())))
-
-
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_json(path: str, name: str, findings: _Findings):

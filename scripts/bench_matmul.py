@@ -58,7 +58,8 @@ def _bnb_matmul(weight):
 
 def table_latency(repeat: int) -> None:
     print("## Linear4bit forward latency (NF4 + double quant, bf16 activations), ms: median (best)\n")
-    print("| shape (out x in) | batch | ours | torch bf16 F.linear | bitsandbytes matmul_4bit | torch / ours (median) |")
+    print("| shape (out x in) | batch | ours | torch bf16 F.linear | bitsandbytes matmul_4bit "
+          "| torch / ours (median) |")
     print("| --- | --- | --- | --- | --- | --- |")
     gen = torch.Generator().manual_seed(0)
     for n_out, k in [(4096, 4096), (14336, 4096)]:

@@ -40,7 +40,8 @@ def make_optimizer(name: str, params, lr: float):
         try:
             from converter.optim import AdamW8bit
         except ImportError as exc:
-            raise SystemExit(f"error: --optim adamw8bit needs converter.optim.AdamW8bit, which is not available ({exc})")
+            raise SystemExit(f"error: --optim adamw8bit needs converter.optim.AdamW8bit, which is not available "
+                             f"({exc})") from None
         return AdamW8bit(params, lr=lr)
     raise SystemExit(f"error: unknown optimizer {name!r} (expected adamw or adamw8bit)")
 

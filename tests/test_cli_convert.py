@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from converter.cli import main
 from converter.shards import writer as writer_module
-from tiny_checkpoints import tiny_llama
+from checkpoint_factory import tiny_llama
 
 FINISHED = ("config.json", "model.safetensors", "model.safetensors.index.json", "qckpt_report.json", "README.md")
 

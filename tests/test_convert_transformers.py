@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, BitsAndBytesConfig  # 
 
 import converter  # noqa: E402
 from converter.tensor import QuantizedTensor  # noqa: E402
-from tiny_checkpoints import STORIES, minilm_dir, tiny_gpt2, tiny_llama  # noqa: E402
+from checkpoint_factory import STORIES, minilm_dir, tiny_gpt2, tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.bnb, pytest.mark.slow]
 warnings.filterwarnings("ignore")
@@ -158,24 +158,52 @@ def test_minilm_bert_real_model(tmp_path):
     assert (tmp_path / "ours" / "1_Pooling" / "config.json").is_file()
 
 
+def _dequantized_model(src, ours):
+    """The float32 source model with every weight `ours` quantized replaced by its dequantized value:
+    what a correct 4-bit load must compute, up to its compute dtype's rounding."""
+    from converter.bnb import quantized_prefixes
+
+    quantized = _tensors(ours)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    prefixes = quantized_prefixes(quantized)
+    assert prefixes
+    with torch.no_grad():
+        for prefix in prefixes:
+            params[prefix + "weight"].copy_(converter.dequantize(QuantizedTensor.from_state_dict(quantized, prefix), torch.float32))
+    return model
+
+
 @pytest.mark.parametrize("quant", ["fp4", "int8"])
 def test_fp4_and_int8_load_and_run(tmp_path, quant, seed):
-    """FP4 and INT8 outputs load as Linear4bit/Linear8bitLt and give logits close to the unquantized model."""
+    """FP4 and INT8 outputs load as Linear4bit/Linear8bitLt and run: INT8 bytes and logits equal transformers'
+    own quantize-on-load; FP4 logits equal the model holding our dequantized weights up to bf16 compute."""
     src = tiny_llama(tmp_path / "src", seed=seed, dtype=torch.float16)
-    converter.convert(src, tmp_path / "ours", quant=quant, double_quant=False, progress=False)
+    report = converter.convert(src, tmp_path / "ours", quant=quant, double_quant=False, progress=False)
+    # per-weight error averages over >= 16K Gaussian values, so it is stable across seeds (measured FP4
+    # 0.120-0.124, INT8 0.0062-0.0070): the quantization itself is sound
+    assert len(report.quantized) == 14
+    assert all(0 < t.relative_error < (0.15 if quant == "fp4" else 0.01) for t in report.quantized)
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(seed))
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     layer = model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == ("Linear4bit" if quant == "fp4" else "Linear8bitLt")
-    base = AutoModelForCausalLM.from_pretrained(src)
     with torch.no_grad():
-        got, want = model(ids).logits.float(), base(ids).logits.float()
+        got = model(ids).logits.float()
     assert torch.isfinite(got).all()
-    # random-init logits are small and noise-like: FP4 moves them ~20% (measured 0.17-0.23), INT8 ~1%
-    assert float((got - want).norm() / want.norm()) < (0.4 if quant == "fp4" else 0.1)
+    # Not against the unquantized model: how far quantization noise moves a random-init model's logits
+    # depends on the seed (FP4: 0.17-0.31 relative over 200 seeds), so any fixed bound there is a coin
+    # toss in its tail. Each oracle below is seed-independent.
     if quant == "int8":
         ref = _bnb_reference(src, tmp_path / "ref", AutoModelForCausalLM, quant="int8", dtype=torch.float16)
         _compare_checkpoints(tmp_path / "ours", ref, double_quant=False)  # fp16 input: bit-equal (FORMAT.md 0)
+        with torch.no_grad():
+            assert torch.equal(got, AutoModelForCausalLM.from_pretrained(ref)(ids).logits.float())
+    else:
+        with torch.no_grad():
+            want = _dequantized_model(src, tmp_path / "ours")(ids).logits.float()
+        # bnb computes in bf16 (inputs and block scales rounded to 8 bits of mantissa): measured 0.4-0.6%
+        assert float((got - want).norm() / want.norm()) < 0.02
 
 
 def test_multi_shard_source_and_output(tmp_path, seed):

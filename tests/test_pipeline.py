@@ -10,7 +10,7 @@ import torch
 import converter
 from converter import pipeline
 from converter.errors import OutputExistsError
-from tiny_checkpoints import STORIES, tiny_llama
+from checkpoint_factory import STORIES, tiny_llama
 
 
 def _shard_bytes(folder):
@@ -23,6 +23,21 @@ def _report_without_timings(folder):
     report.pop("output")
     report["settings"].pop("threads")
     return report
+
+
+def _crash_at(monkeypatch, n: int, exc):
+    """Make the n-th tensor of the next conversions raise `exc`; return the real process_tensor."""
+    original = pipeline._Run.process_tensor
+    calls = {"n": 0}
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pipeline._Run, "process_tensor", crashing)
+    return original
 
 
 def test_deterministic_across_runs_and_threads(tmp_path, seed):
@@ -83,16 +98,7 @@ def test_interrupted_run_leaves_nothing_finished_and_resume_completes(tmp_path, 
     shards, skips their tensors, and ends byte-identical to an uninterrupted conversion."""
     src = tiny_llama(tmp_path / "src", seed=seed)
     converter.convert(src, tmp_path / "fresh", max_shard_size="80KB", progress=False)
-    original = pipeline._Run.process_tensor
-    calls = {"n": 0}
-
-    def crashing(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 15:
-            raise KeyboardInterrupt
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline._Run, "process_tensor", crashing)
+    original = _crash_at(monkeypatch, 15, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         converter.convert(src, tmp_path / "out", max_shard_size="80KB", progress=False)
     top = os.listdir(tmp_path / "out")
@@ -118,16 +124,7 @@ def test_resume_redoes_a_corrupted_finished_shard(tmp_path, seed, monkeypatch):
     """A finished shard whose bytes changed after the crash is not trusted: --resume rewrites it."""
     src = tiny_llama(tmp_path / "src", seed=seed)
     converter.convert(src, tmp_path / "fresh", max_shard_size="80KB", progress=False)
-    original = pipeline._Run.process_tensor
-    calls = {"n": 0}
-
-    def crashing(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 15:
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline._Run, "process_tensor", crashing)
+    original = _crash_at(monkeypatch, 15, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError):
         converter.convert(src, tmp_path / "out", max_shard_size="80KB", progress=False)
     staging = tmp_path / "out" / pipeline.STAGING
@@ -179,3 +176,28 @@ def test_output_inside_source_folder_is_not_copied_into_itself(tmp_path, seed):
     assert not (tmp_path / "src" / "q" / "q").exists()
     assert sorted(os.listdir(tmp_path / "src" / "q")) == ["README.md", "config.json", "generation_config.json",
                                                           "model.safetensors", "qckpt_report.json"]
+
+
+def test_guessed_plan_work_is_kept_only_when_confirmed(tmp_path, seed, monkeypatch):
+    """Shards started on the name-based guess while transformers builds the plan are kept only when the
+    real plan is identical; when it is not, the run starts over with it and writes the same bytes."""
+    src = tiny_llama(tmp_path / "src", seed=seed)
+    original = pipeline._Run.process_tensor
+    calls = {"n": 0}
+
+    def counting(self, *a, **k):
+        calls["n"] += 1
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pipeline._Run, "process_tensor", counting)
+    report = converter.convert(src, tmp_path / "guessed", max_shard_size="80KB", progress=False)
+    assert calls["n"] == len(report.tensors)  # a Llama's guess is right: nothing redone
+    assert report.timings["plan_thread_s"] > 0
+
+    calls["n"] = 0
+    monkeypatch.setattr(pipeline.PendingPlan, "confirmed", lambda self: False)
+    report = converter.convert(src, tmp_path / "redone", max_shard_size="80KB", progress=False)
+    assert calls["n"] > len(report.tensors)  # the first shard's tensors were processed twice
+    assert _shard_bytes(tmp_path / "redone") == _shard_bytes(tmp_path / "guessed")
+    assert _report_without_timings(tmp_path / "redone") == _report_without_timings(tmp_path / "guessed")
+    assert sorted(os.listdir(tmp_path / "redone")) == sorted(os.listdir(tmp_path / "guessed"))

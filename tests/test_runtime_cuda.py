@@ -47,3 +47,15 @@ def test_cuda_qlora_step(tmp_path, seed):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(torch.equal(before[n], b) for n, b in pm.named_buffers() if n in before)
+
+
+def test_cuda_device_map_auto(tmp_path, seed):
+    """device_map='auto' places the layers on the GPU through accelerate and gives the CPU model's tokens."""
+    model = tiny_llama(seed)
+    folder = write_quantized(model, tmp_path / "q", "nf4")
+    auto = converter.load_quantized(folder, device_map="auto")
+    assert {b.device.type for b in auto.buffers() if b is not None} == {"cuda"}
+    cpu_model = converter.load_quantized(folder)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(seed))
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert auto.generate(prompt.cuda(), **kwargs).tolist() == cpu_model.generate(prompt, **kwargs).tolist()

@@ -14,8 +14,8 @@ REL_TOL = 2e-6
                                                (33, 256, 4096), (17, 160, 64), (9, 48, 32)])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_gemm_4bit_matches_dequantized_matmul(n_out, k, blocksize, quant_type, cpu_isas, gen, awkward):
-    """Batch 1..9 (the in-register path up to 4 rows, the dequantized-row path above), shapes the SIMD rows take (k % 32 == 0)
-    and shapes that fall back to scalar rows (blocks straddling rows, k % 32 != 0)."""
+    """Batch 1..9 (groups of up to 4 x rows), shapes the SIMD rows take (k % 32 == 0) and shapes that
+    fall back to scalar rows (blocks straddling rows, k % 32 != 0), for every ISA variant."""
     qt = converter.quantize(awkward((n_out, k), torch.float32, blocksize, gen), quant_type, blocksize, True)
     absmax = qt.block_absmax()
     weight = qt.dequantize(torch.float32).double()

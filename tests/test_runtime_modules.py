@@ -85,6 +85,23 @@ def test_linear4bit_state_dict_round_trip(gen):
         assert torch.equal(fresh(x), module(x))
 
 
+@pytest.mark.parametrize("dq", [True, False])
+def test_linear4bit_dtype_cast_keeps_quant_state(dq, gen):
+    """module.to(torch.bfloat16) / .half() move nothing but the bias: the float32 absmax and nested
+    statistics keep their bytes, so the output is unchanged."""
+    qt = converter.quantize(torch.randn(24, 64, generator=gen), "nf4", 64, dq)
+    module = Linear4bit.from_quantized(qt, torch.randn(24, generator=gen), compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in module.state_dict().items() if k != "bias"}
+    x = torch.randn(3, 64, generator=gen)
+    with torch.no_grad():
+        y = module(x)
+        module.to(torch.bfloat16)
+        module.half()
+        after = module.state_dict()
+        assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+        torch.testing.assert_close(module(x), y, rtol=1e-2, atol=1e-2)  # only the bias lost precision
+
+
 def test_linear4bit_load_rejects_wrong_shape(gen):
     """A quantized weight whose shape differs from the module's features is refused, naming the tensor."""
     sd = Linear4bit.from_quantized(converter.quantize(torch.randn(8, 64, generator=gen), "nf4")).state_dict()

@@ -9,6 +9,8 @@ import converter
 
 from runtime_checkpoints import STORIES, TINYSTORIES, write_quantized
 
+pytestmark = pytest.mark.skipif(not os.path.isdir(STORIES), reason="needs ../shared/data/stories260K")
+
 _SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "eval_ppl.py")
 
 

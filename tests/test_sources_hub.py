@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from converter.cli import main
 from converter.errors import HubError, SourceNotFoundError
 from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
-from tiny_checkpoints import tiny_llama
+from checkpoint_factory import tiny_llama
 
 
 @pytest.fixture(scope="module")

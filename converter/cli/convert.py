@@ -35,18 +35,25 @@ def _max_shard_size(ctx, param, value):
               help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion into OUTPUT.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUTPUT.")
+@click.option("--push-to", "push_to", default=None, metavar="REPO_ID",
+              help="Upload each shard to this Hub repo as soon as it is written (then delete it locally) and "
+                   "commit once at the end; OUTPUT keeps only config, index, card and report. With --resume, "
+                   "shards already pushed are quantized again but not re-sent (the Hub has their bytes).")
+@click.option("--private", is_flag=True, help="With --push-to: create the repo private.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary text.")
 def command(source, output, quant, blocksize, double_quant, compute_dtype, skip, revision, token, device, threads,
-            max_shard_size, resume, overwrite, as_json, quiet):
+            max_shard_size, resume, overwrite, push_to, private, as_json, quiet):
     """Quantize the checkpoint SOURCE (folder, .safetensors file or Hub repo id) into the folder OUTPUT."""
     from .. import convert
 
+    if private and not push_to:
+        raise click.UsageError("--private only applies with --push-to")
     report = convert(
         source, output, quant=quant, blocksize=int(blocksize), double_quant=double_quant,
         compute_dtype=compute_dtype, skip=skip, revision=revision, token=token, device=device, threads=threads,
         max_shard_size=max_shard_size, resume=resume, overwrite=overwrite,
-        progress=False if quiet else sys.stderr.isatty(),
+        progress=False if quiet else sys.stderr.isatty(), push_to=push_to, private=private,
     )
     if as_json:
         click.echo(json.dumps(report.summary()))

@@ -13,6 +13,7 @@ Runtime entry point (converter/runtime): `gemm_4bit(x, weight, bias, workspace=.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -74,6 +75,12 @@ def _stream(device: torch.device):
     return ffi.cast("void *", torch.cuda.current_stream(device).cuda_stream)
 
 
+def _on(device: torch.device):
+    """Make `device` current for a launch (a no-op context when it already is: the common case)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return contextlib.nullcontext() if index == torch.cuda.current_device() else torch.cuda.device(device)
+
+
 def _device_contiguous(tensor: torch.Tensor, device: torch.device, align: int = 16) -> torch.Tensor:
     """Contiguous on `device`, data 16-byte aligned (a misaligned view is copied, never modified)."""
     out = tensor.detach().to(device).contiguous()
@@ -111,7 +118,7 @@ def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: st
     ffi, lib = load()
     bad = ffi.new("int64_t *")
     mean = ffi.new("float *")
-    with torch.cuda.device(workspace.device):
+    with _on(workspace.device):
         status = lib.qckpt_cuda_read_report(_ptr(workspace, "int64_t *"), bad, mean, _stream(workspace.device))
     if status == _E_NONFINITE and source is not None:
         value = float(source.reshape(-1)[bad[0]])
@@ -189,7 +196,7 @@ def quantize(tensor: torch.Tensor, quant_type: QuantType, blocksize: int, double
         qt = dispatch_quantize(tensor.cpu(), quant_type, blocksize, double_quant, device="cpu", name=name)
         return qt.to(tensor.device)
     device = tensor.device
-    with torch.cuda.device(device):
+    with _on(device):
         x = _device_contiguous(tensor, device)
         workspace = new_workspace(device)
         if quant_type is QuantType.INT8:
@@ -233,7 +240,7 @@ def dequantize_absmax(nested: NestedAbsmax) -> torch.Tensor:
 
         return ref.dequantize_absmax(nested.codes.long(), nested.absmax, nested.offset, nested.blocksize, nested.code)
     _, lib = load()
-    with torch.cuda.device(device):
+    with _on(device):
         nested = _nested_on(nested, device)
         n = nested.codes.numel()
         out = torch.empty((n,), dtype=torch.float32, device=device)
@@ -251,7 +258,7 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype, *, out: torch.Tensor | N
         result = _dequantize_torch(qt, dtype)
         return result if out is None else out.view(qt.shape).copy_(result)
     _, lib = load()
-    with torch.cuda.device(device):
+    with _on(device):
         if out is None:
             out = torch.empty(qt.shape, dtype=dtype, device=device)
         elif out.dtype != dtype or out.numel() != qt.numel or not out.is_contiguous() or out.device != device:
@@ -313,7 +320,7 @@ def gemv_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
         packed = packed.clone()
     y = torch.empty((rows, n_out), dtype=x.dtype, device=device)
     scales = _scales(weight.absmax, weight.nested)
-    with torch.cuda.device(device):
+    with _on(device):
         _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, _ptr(packed, "uint8_t *"), scales,
                                         n_out, k, weight.blocksize, _QUANT4[weight.quant_type], _ptr(y),
                                         _stream(device)))

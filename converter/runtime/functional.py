@@ -142,7 +142,8 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = dequantize_weight(ctx.qt, grad_out.dtype, workspace=ctx.workspace if grad_out.device.type == "cpu" else None)
+            workspace = ctx.workspace if grad_out.device.type == "cpu" else None
+            weight = dequantize_weight(ctx.qt, grad_out.dtype, workspace=workspace)
             grad_x = grad_out @ weight
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(dim=0)

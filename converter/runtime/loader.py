@@ -207,7 +207,8 @@ def _assign_plain(model, key, tensor, dtype, device):
         tensor = tensor.to(dtype)
     tensor = tensor.to(device)
     if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(tensor, requires_grad=current.requires_grad if current is not None else False)
+        trains = current.requires_grad if current is not None else False
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=trains)
     else:
         module._buffers[attr] = tensor
 
@@ -334,7 +335,9 @@ def load_quantized(path_or_repo, *, device=None, dtype=None, revision=None, devi
         if key in quant_keys:
             continue
         if key not in expected:
-            raise ModelLoadError(f"{key}: unexpected tensor (not a parameter of the {type(model).__name__} built from config.json)")
+            raise ModelLoadError(
+                f"{key}: unexpected tensor (not a parameter of the {type(model).__name__} built from config.json)"
+            )
     for key in sorted(expected - set(where) - tied):
         raise ModelLoadError(f"{key}: missing from the checkpoint")
 

@@ -50,6 +50,20 @@ class _QuantizedLinear(nn.Linear):
     def reset_parameters(self) -> None:
         pass
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every floating buffer; the quantization state (float32
+        # absmax, nested statistics, code maps) must keep its dtype and bits, so only the device follows.
+        saved = {name: self._buffers.pop(name) for name in self._BUFFERS if name in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in saved.items():
+                if buf is not None:
+                    moved = fn(buf)
+                    buf = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+                self._buffers[name] = buf
+        return self
+
     @property
     def is_loaded(self) -> bool:
         return self.weight is not None and self.weight.device.type != "meta"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import hashlib
 import json
 import os
 import shutil
 import time
 
 from ..errors import CheckpointError, DiskFullError, HubError, SourceNotFoundError
+from ..shards.digest import sha256_file
 from ..shards.header import Header, parse_header, parse_length
 from ..shards.index import INDEX_NAME, parse_weight_map
 from .base import PICKLE_SUFFIXES, is_extra_file, pickle_refusal
@@ -47,7 +47,7 @@ class HubSource:
         self.files = {s.rfilename: (s.size, s.lfs.sha256 if s.lfs is not None else None) for s in (info.siblings or [])}
         self.weight_map = None
         if INDEX_NAME in self.files:
-            with open(self._download_small(INDEX_NAME), encoding="utf-8") as f:
+            with open(self.download_small(INDEX_NAME), encoding="utf-8") as f:
                 try:
                     obj = json.load(f)
                 except ValueError as exc:
@@ -68,7 +68,7 @@ class HubSource:
             raise CheckpointError(f"{repo_id}@{self.commit}: no .safetensors weights in the repo")
         self.config_dir = None
         if "config.json" in self.files:
-            self._download_small("config.json")
+            self.download_small("config.json")
             self.config_dir = os.path.join(self.work_dir, "meta")
 
     # -- errors -------------------------------------------------------------------------------------
@@ -151,7 +151,9 @@ class HubSource:
         return parse_header(raw, size, where)
 
     # -- files --------------------------------------------------------------------------------------
-    def _download_small(self, filename: str) -> str:
+    def download_small(self, filename: str) -> str:
+        """Download a small file (config, index, tokenizer, card) of the pinned commit into the work
+        folder's meta/ and return its local path; errors are the same one-line errors as every Hub call."""
         from huggingface_hub import hf_hub_download
 
         return self._call(lambda: hf_hub_download(
@@ -166,7 +168,7 @@ class HubSource:
         cached = try_to_load_from_cache(self.repo_id, shard, revision=self.commit)
         if isinstance(cached, str) and os.path.isfile(cached):
             blob = os.path.basename(os.path.realpath(cached))
-            if sha is None or blob == sha or _sha256(cached) == sha:
+            if sha is None or blob == sha or sha256_file(cached) == sha:
                 return cached, False
         folder = os.path.join(self.work_dir, "shards")
         path = self._call(lambda: hf_hub_download(
@@ -176,7 +178,7 @@ class HubSource:
             os.unlink(path)
             raise HubError(f"{self._where(shard)}: downloaded {os.path.getsize(path)} bytes, the listing says {size}")
         if sha is not None:
-            got = _sha256(path)
+            got = sha256_file(path)
             if got != sha:
                 os.unlink(path)
                 raise HubError(f"{self._where(shard)}: sha256 mismatch after download (got {got[:16]}..., "
@@ -216,7 +218,7 @@ class HubSource:
         found = []
         for name, (size, _) in sorted(self.files.items()):
             if is_extra_file(name, size):
-                found.append((name, self._download_small(name)))
+                found.append((name, self.download_small(name)))
         return found
 
     def _quiet_downloads(self) -> None:
@@ -234,14 +236,6 @@ class HubSource:
 
             enable_progress_bars()
             self._reenable_bars = False
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unlink(path: str) -> None:

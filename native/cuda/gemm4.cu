@@ -6,23 +6,27 @@
 
 namespace {
 
-template <typename T, int NT, int R, int W, int DEPTH>
+template <typename T, int NT, int R, int W, int DEPTH, int MINB = 8 / W * 2>
 void launch(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
             int log2_bs, int qt, void *y, cudaStream_t s) {
     const int64_t blocks = qk::ceil_div(n_out, 16 * R);
-    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH><<<(unsigned)blocks, W * 32, 0, s>>>(
+    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB><<<(unsigned)blocks, W * 32, 0, s>>>(
         static_cast<const T *>(x), batch, packed, sc, n_out, k, log2_bs, qt, static_cast<T *>(y));
 }
 
 /* Shapes: one row tile (16 outputs) per warp and two steps of loads in flight for up to 8 rows; two
- * batch tiles (9..16 rows) need twice the x registers, so one step ahead. k splits over 4 warps when it
+ * batch tiles (9..16 rows) need twice the x registers, so one step ahead (and two row tiles when there
+ * are many). k splits over 4 warps when it
  * is short (>= 8 steps of 128 each) and over 8 when long, so each warp streams long enough. */
 template <typename T>
 void launch_shape(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
                   int log2_bs, int qt, void *y, cudaStream_t s) {
     const bool long_k = qk::ceil_div(k, 128) >= 64;
+    /* many row tiles: two per warp halve the x traffic from L2, which 16 rows make as large as the weights */
+    const bool many_rows = qk::ceil_div(n_out, 32) >= 2 * qk::sm_count();
     if (batch > 8) {
-        if (long_k) launch<T, 2, 1, 8, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        if (many_rows) launch<T, 2, 2, 4, 1, 3>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        else if (long_k) launch<T, 2, 1, 8, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
         else launch<T, 2, 1, 4, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
     } else {
         if (long_k) launch<T, 1, 1, 8, 2>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);

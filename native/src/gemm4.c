@@ -1,8 +1,9 @@
 /* gemm4.c -- fused 4-bit dequantize + matmul for small batches (the runtime's CPU decode path).
  * y (batch, n_out) = x (batch, k) @ dequant(W (n_out, k))^T. Each worker owns a range of output rows;
  * a row is dequantized to float32 into a private buffer (exactly as qckpt_dequantize_4bit does), then
- * dotted with every x row while it is hot in L1. The AVX-512 rows (gemm4_avx512.c) take shapes whose
- * rows split into 32-element chunks inside one block; everything else runs the scalar rows here.
+ * dotted with every x row while it is hot in L1. The AVX-512 and AVX2 rows (gemm4_avx512.c,
+ * gemm4_avx2.c) take shapes whose rows split into 32-element chunks inside one block; everything else
+ * runs the scalar rows here.
  * Tested against dequantize + torch matmul (tests/test_runtime_kernels.py). */
 #include <stdlib.h>
 
@@ -47,8 +48,11 @@ static void gemm_rows(void *ctx, int64_t r0, int64_t r1, int32_t worker) {
         return;
     }
 #ifdef QCKPT_HAVE_X86
-    if (job->isa == QCKPT_ISA_AVX512 && job->a.k % 32 == 0 && job->a.blocksize % 32 == 0)
+    const int simd_shape = job->a.k % 32 == 0 && job->a.blocksize % 32 == 0;
+    if (simd_shape && job->isa == QCKPT_ISA_AVX512)
         qk_gemm4_rows_avx512(&job->a, r0, r1, w);
+    else if (simd_shape && job->isa == QCKPT_ISA_AVX2)
+        qk_gemm4_rows_avx2(&job->a, r0, r1, w);
     else
 #endif
         scalar_rows(&job->a, r0, r1, w);

@@ -15,8 +15,9 @@ typedef struct {
 } qk_gemm4_args;
 
 #ifdef QCKPT_HAVE_X86
-/* Rows [r0, r1) of y; needs k % 32 == 0 and blocksize % 32 == 0; `w` is a k-float scratch row. */
+/* Rows [r0, r1) of y; need k % 32 == 0 and blocksize % 32 == 0; `w` is a k-float scratch row. */
 void qk_gemm4_rows_avx512(const qk_gemm4_args *a, int64_t r0, int64_t r1, float *w);
+void qk_gemm4_rows_avx2(const qk_gemm4_args *a, int64_t r0, int64_t r1, float *w);
 #endif
 
 #endif /* QCKPT_GEMM4_H */

@@ -212,16 +212,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         return snap
 
+    def open_snapshot(self, repo_id: str, rev: str):
+        """(repo, commit, files, view) of a readable repo at `rev`, or None once the error is sent;
+        `view` lists entries with the repo's advertised (possibly fake) sha256."""
+        repo = self.repo_or_error(repo_id)
+        snap = None if repo is None else self.resolve_rev(repo, repo_id, rev)
+        if snap is None:
+            return None
+        commit, files = snap
+        return repo, commit, files, Repo(files, commit, repo.branches, fake_sha256=repo.fake_sha256)
+
     # -- built-in read endpoints ---------------------------------------------------------------------
     def model_info(self, m, head=False):
-        repo = self.repo_or_error(m["repo"])
-        if repo is None:
+        opened = self.open_snapshot(m["repo"], m["rev"] or "main")
+        if opened is None:
             return
-        snap = self.resolve_rev(repo, m["repo"], m["rev"] or "main")
-        if snap is None:
-            return
-        commit, files = snap
-        view = Repo(files, commit, repo.branches, fake_sha256=repo.fake_sha256)
+        repo, commit, files, view = opened
         siblings = []
         for path in sorted(files):
             e = view.entry(path)
@@ -233,14 +239,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         "gated": repo.gated, "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})
 
     def tree(self, m, head=False):
-        repo = self.repo_or_error(m["repo"])
-        if repo is None:
+        opened = self.open_snapshot(m["repo"], m["rev"])
+        if opened is None:
             return
-        snap = self.resolve_rev(repo, m["repo"], m["rev"])
-        if snap is None:
-            return
-        commit, files = snap
-        view = Repo(files, commit, repo.branches, fake_sha256=repo.fake_sha256)
+        repo, commit, files, view = opened
         prefix = (m["path"] or "").strip("/")
         recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
         items, dirs = [], set()
@@ -260,30 +262,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_json(items)
 
     def paths_info(self, m, head=False):
-        repo = self.repo_or_error(m["repo"])
-        if repo is None:
+        opened = self.open_snapshot(m["repo"], m["rev"])
+        if opened is None:
             return
-        snap = self.resolve_rev(repo, m["repo"], m["rev"])
-        if snap is None:
-            return
-        commit, files = snap
+        repo, commit, files, view = opened
         form = urllib.parse.parse_qs(self.read_body().decode())
-        view = Repo(files, commit, repo.branches, fake_sha256=repo.fake_sha256)
         self.send_json([view.entry(p) for p in form.get("paths", []) if p in files])
 
     def resolve(self, m, head=False):
-        repo = self.repo_or_error(m["repo"])
-        if repo is None:
+        opened = self.open_snapshot(m["repo"], m["rev"])
+        if opened is None:
             return
-        snap = self.resolve_rev(repo, m["repo"], m["rev"])
-        if snap is None:
-            return
-        commit, files = snap
+        repo, commit, files, view = opened
         path = m["path"]
         if path not in files:
             return self.error(404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": commit})
         data = files[path]
-        view = Repo(files, commit, repo.branches, fake_sha256=repo.fake_sha256)
         entry = view.entry(path)
         headers = {"X-Repo-Commit": commit, "ETag": f'"{entry["oid"]}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}

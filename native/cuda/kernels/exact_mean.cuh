@@ -13,6 +13,15 @@ namespace qk {
 /* The sum as 16-bit limbs in 32-bit words: bins[e] * 2^e needs up to 255 + 64 bits. */
 constexpr int kLimbs = (256 + 64) / 16 + 2;
 
+/* Index of the highest set bit of v != 0. */
+__host__ __device__ inline int hibit32(uint32_t v) {
+#ifdef __CUDA_ARCH__
+    return 31 - __clz(v);
+#else
+    return 31 - __builtin_clz(v);
+#endif
+}
+
 /* Round (sum_e bins[e] * 2^(e - 150)) / count to float32, ties to even; count < 2^39.
  * Only the top 64 bits T of the sum enter the one division: with total = T * 2^E + low (low < 2^E),
  * total / count = floor(T / count) * 2^E + (rem * 2^E + low) / count, and the last term is below 2^E,
@@ -38,17 +47,18 @@ __host__ __device__ inline float mean_from_bins(const unsigned long long *bins, 
         }
     }
     if (top < 0) return 0.0f;
-    int p = top * 16 + 15; /* highest set bit of the sum */
-    while (!((limb[p >> 4] >> (p & 15)) & 1)) p--;
+    const int p = top * 16 + hibit32(limb[top]); /* highest set bit of the sum */
     const int E = p - 63; /* T = bits [E, E + 64) of the sum; E < 0 shifts left, exactly */
-    unsigned long long T = 0;
-    for (int b = p; b > p - 64; b--) T = (T << 1) | (b >= 0 ? (limb[b >> 4] >> (b & 15)) & 1 : 0);
-    bool sticky = false; /* any sum bit below E */
-    for (int b = E - 1; b >= 0 && !sticky; b--) sticky = (limb[b >> 4] >> (b & 15)) & 1;
+    const int lo_li = E > 0 ? E >> 4 : 0;
+    unsigned __int128 acc = 0; /* bits [16 * lo_li, p]: at most 5 limbs, 80 bits */
+    for (int li = top; li >= lo_li; li--) acc = (acc << 16) | limb[li];
+    const int sh = E - 16 * lo_li; /* >= 0 unless E < 0 (then lo_li == 0 and sh == E) */
+    const unsigned long long T = sh >= 0 ? (unsigned long long)(acc >> sh) : (unsigned long long)(acc << -sh);
+    bool sticky = sh > 0 && (acc & ((((unsigned __int128)1) << sh) - 1)) != 0; /* sum bits below E */
+    for (int li = 0; li < lo_li && !sticky; li++) sticky = limb[li] != 0;
     const unsigned long long Q = T / count;
     sticky = sticky || T - Q * count != 0;
-    int P = 63; /* highest set bit of Q */
-    while (!((Q >> P) & 1)) P--;
+    const int P = (Q >> 32) ? 32 + hibit32((uint32_t)(Q >> 32)) : hibit32((uint32_t)Q); /* Q >= 2^24 */
     /* mean = Q * 2^(E - 150) + a fraction of 2^(E - 150) that is nonzero iff sticky */
     const int e = P + E - 150;
     const int ulp = (e < -126 ? -126 : e) - 23; /* float32 spacing at this magnitude */
@@ -71,21 +81,41 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
     for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = 0;
     __syncthreads();
     const int lane = threadIdx.x & 31;
-    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t base = int64_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < n; base += stride) {
-        const int64_t i = base + lane;
-        const bool active = i < n;
-        const uint32_t bits = active ? __float_as_uint(values[i]) & 0x7FFFFFFFu : 0u;
-        uint32_t e = bits >> 23, m = bits & 0x7FFFFFu;
-        if (e > 0) m |= 0x800000u; else e = 1; /* subnormals scale like e = 1 */
-        unsigned pending = __ballot_sync(kFullMask, active);
-        while (pending) {
-            const int leader = __ffs(pending) - 1;
-            const uint32_t le = __shfl_sync(kFullMask, e, leader);
-            const bool mine = active && e == le && ((pending >> lane) & 1);
-            const uint32_t sum = __reduce_add_sync(kFullMask, mine ? m : 0u);
-            if (lane == leader) atomicAdd(&bins[le], (unsigned long long)sum);
-            pending &= ~__ballot_sync(kFullMask, mine);
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x * 4;
+    /* 4 values per lane per trip (one 16-byte load when whole and aligned) */
+    const bool vec = (reinterpret_cast<uintptr_t>(values) & 15) == 0;
+    auto load4 = [&](int64_t i0, float (&v)[4]) {
+        if (vec && i0 + 4 <= n) {
+            const float4 q = __ldg(reinterpret_cast<const float4 *>(values + i0));
+            v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+        } else {
+#pragma unroll
+            for (int j = 0; j < 4; j++) v[j] = i0 + j < n ? values[i0 + j] : 0.0f;
+        }
+    };
+    /* few blocks (same-address atomics at the end serialize), each with its next load in flight */
+    float next[4];
+    const int64_t first = (int64_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31)) * 4;
+    if (first < n) load4(first + lane * 4, next);
+    for (int64_t base = first; base < n; base += stride) {
+        const int64_t i0 = base + lane * 4;
+        float v[4] = {next[0], next[1], next[2], next[3]};
+        if (base + stride < n) load4(i0 + stride, next);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const bool active = i0 + j < n;
+            const uint32_t bits = active ? __float_as_uint(v[j]) & 0x7FFFFFFFu : 0u;
+            uint32_t e = bits >> 23, m = bits & 0x7FFFFFu;
+            if (e > 0) m |= 0x800000u; else e = 1; /* subnormals scale like e = 1 */
+            unsigned pending = __ballot_sync(kFullMask, active);
+            while (pending) {
+                const int leader = __ffs(pending) - 1;
+                const uint32_t le = __shfl_sync(kFullMask, e, leader);
+                const bool mine = active && e == le && ((pending >> lane) & 1);
+                const uint32_t sum = __reduce_add_sync(kFullMask, mine ? m : 0u);
+                if (lane == leader) atomicAdd(&bins[le], (unsigned long long)sum);
+                pending &= ~__ballot_sync(kFullMask, mine);
+            }
         }
     }
     __syncthreads();

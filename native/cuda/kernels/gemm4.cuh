@@ -154,9 +154,10 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
     }
 }
 
-/* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed. */
-template <typename T, int NT, int R, int W, int DEPTH>
-__global__ void __launch_bounds__(W * 32, 8 / W * 2) gemm_4bit_kernel(const T *__restrict__ x, int batch,
+/* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed; MINB blocks
+ * per multiprocessor bound the registers. */
+template <typename T, int NT, int R, int W, int DEPTH, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__restrict__ x, int batch,
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
