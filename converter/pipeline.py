@@ -4,13 +4,17 @@ Everything is written under OUTPUT/.qckpt-partial/ and moved into OUTPUT only wh
 is done (config.json last), so an interrupted run leaves nothing that looks like a finished checkpoint.
 Finished output shards are recorded in .qckpt-partial/progress.json; --resume re-hashes them and skips
 their tensors (and the source shards only they need).
+
+With a config.json, transformers' plan is built in a thread (plan.PendingPlan) while the first output shard
+is produced on a name-based guess; that shard is committed only if the real plan is identical, else the
+work is redone on the real plan. With push_to, each committed shard is uploaded and deleted at once
+(publish.HubShardStream) and one commit is made from staging at the end, before OUTPUT is filled.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -22,6 +26,7 @@ import torch
 from . import _version
 from .errors import CheckpointError, OutputExistsError, QuantizationInputError
 from .formats import codebooks as cb
+from .error_stats import error_stats
 from .formats.codebooks import QuantType
 from .plan import PendingPlan, TensorPlan, assign_shards, plan_with_config, plan_without_config
 from .report import Report, TensorStat, model_card
@@ -38,7 +43,6 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
-_ERROR_CHUNK = 1 << 20  # elements per error-measuring pass: 4 MB scratch buffers, no full-size temporaries
 
 
 def parse_size(value) -> int:
@@ -127,49 +131,6 @@ def _write_text(path: str, text: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _error_stats(qt, weight: torch.Tensor, scratch) -> tuple[float, float]:
-    """(relative Frobenius error, max abs error) of the dequantized weight.
-
-    Chunked ops into reused float32 scratch buffers: fresh full-size temporaries cost more in page faults
-    than the arithmetic and would double the memory held for the largest weight."""
-    restored = qt.dequantize(torch.float32).reshape(-1)
-    with _single_threaded_torch():
-        return _compare(restored, weight, scratch)
-
-
-class _single_threaded_torch:
-    """These passes are memory-bound: torch's intra-op pool adds a thread sync per op and no speed (and
-    stalls badly on a busy machine), so run them on one thread and restore the caller's setting after."""
-
-    def __enter__(self):
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-
-def _compare(restored, weight, scratch) -> tuple[float, float]:
-    n = restored.numel()
-    size = min(n, _ERROR_CHUNK)
-    ref = scratch(0, size, restored.device)
-    diff = scratch(1, size, restored.device)
-    flat = weight.reshape(-1)
-    err2 = ref2 = 0.0
-    lo = hi = 0.0
-    for i in range(0, n, size):
-        m = min(size, n - i)
-        r, d = ref[:m], diff[:m]
-        r.copy_(flat[i:i + m])
-        torch.sub(restored[i:i + m], r, out=d)
-        err2 += float(torch.dot(d, d))
-        ref2 += float(torch.dot(r, r))
-        mn, mx = torch.aminmax(d)
-        lo, hi = min(lo, float(mn)), max(hi, float(mx))
-    rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
-    return rel, max(-lo, hi)
-
-
 class _Run:
     """Per-conversion state, passed explicitly (no globals)."""
 
@@ -213,7 +174,7 @@ class _Run:
                       name=f"{reader.where}: tensor {tp.name}")
         t2 = time.perf_counter()
         self.timings["quantize_s"] += t2 - t1
-        rel, max_abs = _error_stats(qt, weight, self.scratch)
+        rel, max_abs = error_stats(qt, weight, self.scratch)
         t3 = time.perf_counter()
         self.timings["error_s"] += t3 - t2
         after = 0

@@ -66,12 +66,16 @@ def build_skeleton(config_dir: str):
                                   f"({exc})") from None
         candidates = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
         candidates = [c for c in candidates if c is not None]
+        # dtype=None: otherwise transformers switches torch's *process-wide* default dtype to the config's
+        # while it builds the model, and this runs in a thread beside the conversion (PendingPlan). The
+        # module structure, which is all the plan reads, does not depend on the dtype. The meta device
+        # context is thread-local.
         with torch.device("meta"):
             if candidates:
-                return candidates[0]._from_config(config), candidates[0].__name__
+                return candidates[0]._from_config(config, dtype=None), candidates[0].__name__
             for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
                 try:
-                    model = auto.from_config(config)
+                    model = auto.from_config(config, dtype=None)
                     return model, type(model).__name__
                 except ValueError:
                     continue

@@ -106,6 +106,33 @@ def kernel_profile(fn, path):
     path.write_text(table)
 
 
+def host_profile(fn, path, calls: int = 300):
+    """Where the Python call's host time goes (cProfile over eager calls), printed and saved."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    per_call = (time.perf_counter() - start) / calls * 1e6
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+    text = f"eager wall per call: {per_call:.1f} us\n" + buf.getvalue()
+    print(text[:2500])
+    path.write_text(text)
+
+
 def fmt(ms):
     return "—" if ms is None else f"{ms:.4f}"
 
@@ -185,6 +212,8 @@ def main():
             nbytes = n_out * k // 2 + n_out * k // 64 + batch * (k + n_out) * 2
             rows.append(dict(op=f"matmul batch {batch} {n_out}x{k}", ours=ours, ours_api=api, bnb=base, torch=tb,
                              bytes=nbytes, rel_err=err))
+            if batch == 1 and n_out == SHAPES[0][0]:
+                host_profile(lambda: kcuda.gemm_4bit(x, qts[0], workspace=scratch), out / "profile_host_gemv.txt")
             if batch == 128 and n_out == SHAPES[0][0]:
                 kernel_profile(lambda: kcuda.gemm_4bit(x, qts[0], workspace=scratch), out / "profile_gemm128.txt")
         del ws_t, qts, bnb_w, scratch

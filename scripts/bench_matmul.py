@@ -7,7 +7,8 @@ Table 1: batch 1/16/128 at 4096x4096 and 14336x4096 (NF4 + double quant, bf16 ac
   ours = converter.runtime.Linear4bit forward (compute bf16), torch = F.linear on the dense bf16 weight,
   bnb = bitsandbytes.matmul_4bit (when installed). Median of --repeat runs after a warm-up.
 Table 2: fused kernel vs dequantize + torch matmul by number of rows (picks FUSED_MAX_ROWS).
-Table 3: load time, converter.load_quantized vs transformers + bitsandbytes from_pretrained, same folder.
+Table 3: batch-1 breakdown: fused kernel, nested-absmax decode (AVX-512 vs the scalar loop), the rest.
+Table 4: load time, converter.load_quantized vs transformers + bitsandbytes from_pretrained, same folder.
 """
 from __future__ import annotations
 
@@ -96,6 +97,37 @@ def table_threshold(repeat: int) -> None:
     print()
 
 
+def table_batch1_breakdown(repeat: int) -> None:
+    """Where a batch-1 forward goes: the fused kernel, the nested-absmax decode (scalar loop = the code
+    before its AVX-512 variant, forced with isa=; auto = what the module runs) and the Python around them."""
+    from converter.kernels import cpu
+
+    print("## Batch-1 breakdown (NF4 + double quant, bf16), ms: median (best)\n")
+    print("| shape (out x in) | module forward | fused kernel alone | nested decode, auto ISA "
+          "| nested decode, scalar (baseline) | Python + wrappers |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    gen = torch.Generator().manual_seed(2)
+    for n_out, k in [(4096, 4096), (14336, 4096)]:
+        weight = (torch.randn(n_out, k, generator=gen) * 0.02).to(torch.bfloat16)
+        qt = converter.quantize(weight, "nf4", 64, True)
+        layer = Linear4bit.from_quantized(qt, compute_dtype=torch.bfloat16)
+        x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+        nested, absmax = qt.nested, qt.block_absmax()
+
+        def decode(isa=None):
+            return cpu.dequantize_blockwise8(nested.codes, nested.absmax, nested.code, nested.blocksize,
+                                             offset=nested.offset, isa=isa)
+
+        with torch.no_grad():
+            fwd = Timing(lambda: layer(x), repeat * 5)
+            kern = Timing(lambda: cpu.gemm_4bit(x, qt.data, absmax, n_out, k, 64, qt.quant_type), repeat * 5)
+            auto = Timing(decode, repeat * 5)
+            scalar = Timing(lambda: decode("scalar"), repeat * 5)
+        rest = fwd.median - kern.median - auto.median
+        print(f"| {n_out}x{k} | {fwd} | {kern} | {auto} | {scalar} | {rest * 1e3:.2f} |", flush=True)
+    print()
+
+
 def table_load() -> None:
     try:
         import bitsandbytes  # noqa: F401
@@ -148,6 +180,7 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs\n")
     table_latency(args.repeat)
     table_threshold(args.repeat)
+    table_batch1_breakdown(args.repeat)
     if not args.skip_load:
         table_load()
     return 0

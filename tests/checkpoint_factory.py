@@ -52,6 +52,15 @@ def llama_config(vocab: int = VOCAB) -> dict:
     }
 
 
+def folder_bytes(folder) -> dict:
+    """{file name: bytes} of the files directly in `folder` (what a test hands the FakeHub or compares)."""
+    out = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def write_source(folder, tensors: dict) -> str:
     """Write `tensors` + config.json as an unquantized source folder."""
     os.makedirs(folder, exist_ok=True)

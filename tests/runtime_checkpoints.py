@@ -48,6 +48,23 @@ def tiny_llama(seed: int, *, hidden=72, inter=120, layers=2, heads=4, kv_heads=2
     return model
 
 
+def tiny_gpt2(seed: int, *, hidden=72, inner=120, layers=2, heads=4, vocab=97):
+    """A random GPT2LMHeadModel (Conv1D layers, tied lm_head), unit-gain weights, float32."""
+    import transformers
+
+    config = transformers.GPT2Config(n_embd=hidden, n_inner=inner, n_layer=layers, n_head=heads, vocab_size=vocab,
+                                     n_positions=64, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:  # Conv1D weights are (in, out): fan-in is dim 0; embeddings get unit rows
+                p.normal_(0, (p.shape[0] if "wte" not in name and "wpe" not in name else p.shape[1]) ** -0.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
 def stories260k():
     import transformers
 

@@ -13,9 +13,8 @@ from converter import pipeline
 from converter.cli import main
 from converter.errors import HubError
 from converter.publish import HubShardStream
-from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
-from fakehub.upload import attach_uploads
-from checkpoint_factory import tiny_llama
+from fakehub import fake_hub, fake_hub_uploads, no_network  # noqa: F401 - fixtures
+from checkpoint_factory import folder_bytes, tiny_llama
 
 TOKEN = "hf_good"
 REPO = "org/tiny-nf4"
@@ -23,9 +22,8 @@ SHARD = "60KB"  # a tiny Llama's ~190 KB of output in 4 shards
 
 
 @pytest.fixture
-def hub(fake_hub):
-    fake_hub.uploads = attach_uploads(fake_hub)
-    return fake_hub
+def hub(fake_hub_uploads):
+    return fake_hub_uploads
 
 
 @pytest.fixture
@@ -155,3 +153,16 @@ def test_refused_commit_leaves_output_unfinished(hub, src, local, tmp_path):
     assert len(hub.uploads.put_oids(REPO)) == len(_shards(local))
     assert hub.uploads.commits == [] and hub.repos[REPO].files == {}
     assert os.listdir(out) == [pipeline.STAGING]
+
+
+def test_hub_to_hub_keeps_no_shard_locally(hub, src, local, tmp_path):
+    """A Hub source converted with --push-to: the repo gets the same shards as a local conversion, and
+    OUTPUT ends with neither downloaded source shards nor output shards."""
+    sha = hub.add_repo("org/source", folder_bytes(src))
+    out = tmp_path / "pushed"
+    report = converter.convert("org/source", out, max_shard_size=SHARD, progress=False, push_to=REPO, token=TOKEN)
+    assert report.commit == sha
+    shards = _shards(local)
+    assert {s: hub.repos[REPO].files[s] for s in shards} == {s: local[s] for s in shards}
+    leftover = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".safetensors")]
+    assert leftover == []

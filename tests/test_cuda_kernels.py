@@ -216,7 +216,8 @@ def rel_err(got, want):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_4bit_fused_matches_reference(dtype, gen):
     """The fused kernel for 1..16 rows (both batch tiles, short and long K, plain and nested scales,
-    N not a multiple of 16, K not a multiple of 128) is within bf16/fp16 rounding of dequantize+matmul."""
+    N not a multiple of 16, K not a multiple of 128) is within bf16/fp16 rounding of dequantize + float64
+    matmul: 1e-2 relative for bf16, 2e-3 for fp16."""
     shapes = [(333, 4096 + 96), (4096, 14336 // 4), (64, 8192 + 160), (8500, 256), (17000, 64), (40, 96), (16, 32)]
     for (n_out, k) in shapes:
         w = torch.randn(n_out, k, generator=gen) * 0.02
@@ -227,7 +228,9 @@ def test_gemm_4bit_fused_matches_reference(dtype, gen):
                 y = kcuda.gemm_4bit(x, qt)
                 assert y.shape == (rows, n_out) and y.dtype == dtype
                 err = rel_err(y, reference_matmul(x, qt))
-                assert err < 5e-3, (n_out, k, rows, quant_type, err)
+                # fp16 weights are the reference's exactly (only output rounding, 2^-11); the bf16 path
+                # rounds LUT and scale to bf16 before its bf16x2 multiply (METHOD.md: bf16 1e-3..1e-2)
+                assert err < (1e-2 if dtype is torch.bfloat16 else 2e-3), (n_out, k, rows, quant_type, err)
 
 
 def test_gemm_4bit_other_paths_match_reference(gen):

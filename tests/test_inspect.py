@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from checkpoint_factory import HIDDEN, INTER, LAYERS, build_converted, source_tensors
+from checkpoint_factory import HIDDEN, INTER, LAYERS, build_converted, folder_bytes, source_tensors
 from converter.cli import main
 from converter.inspection import Inspection, inspect
 from converter.verify import verify
@@ -69,14 +69,6 @@ def _range_logger(hub):
     return seen
 
 
-def _hub_files(folder):
-    files = {}
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            files[name] = f.read()
-    return files
-
-
 def test_local_description(folder):
     """Architecture, settings, modules, exact parameter count, size vs fp16, provenance and errors."""
     insp = inspect(folder)
@@ -105,7 +97,7 @@ def test_local_description(folder):
 def test_hub_repo_reads_only_headers(fake_hub, folder):
     """Inspecting a Hub repo gives the local answer while every shard GET is a ranged read of fewer
     bytes than the shard: no shard is downloaded."""
-    commit = fake_hub.add_repo(REPO, _hub_files(folder))
+    commit = fake_hub.add_repo(REPO, folder_bytes(folder))
     seen = _range_logger(fake_hub)
     remote = inspect(REPO)
     local = inspect(folder).to_dict()
@@ -127,7 +119,7 @@ def test_transformers_checkpoint_local_and_hub(fake_hub, transformers_bnb):
     assert insp.quant_types == ("nf4",) and insp.blocksizes == (64,)
     assert len(insp.quantized_modules) == 14 and insp.params == expected_params
     assert insp.provenance == {} and insp.errors is None
-    fake_hub.add_repo(REPO, _hub_files(folder))
+    fake_hub.add_repo(REPO, folder_bytes(folder))
     remote = inspect(REPO)
     assert remote.params == expected_params and not remote.params_exact  # derived from packed sizes
     assert remote.blocksizes == (64,) and remote.quantized_modules == insp.quantized_modules

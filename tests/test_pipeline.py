@@ -201,3 +201,17 @@ def test_guessed_plan_work_is_kept_only_when_confirmed(tmp_path, seed, monkeypat
     assert _shard_bytes(tmp_path / "redone") == _shard_bytes(tmp_path / "guessed")
     assert _report_without_timings(tmp_path / "redone") == _report_without_timings(tmp_path / "guessed")
     assert sorted(os.listdir(tmp_path / "redone")) == sorted(os.listdir(tmp_path / "guessed"))
+
+
+def test_plan_thread_leaves_torch_default_dtype_alone(tmp_path, monkeypatch):
+    """Building the skeleton (in a thread beside the conversion) never switches torch's process-wide
+    default dtype, which would silently change tensors the main thread creates meanwhile."""
+    from converter import plan
+
+    src = tiny_llama(tmp_path / "src", dtype=torch.bfloat16)  # config.json says bfloat16
+    calls = []
+    real = torch.set_default_dtype
+    monkeypatch.setattr(torch, "set_default_dtype", lambda d: (calls.append(d), real(d)))
+    model, name = plan.build_skeleton(src)
+    assert name == "LlamaForCausalLM" and calls == []
+    assert next(model.parameters()).device.type == "meta"

@@ -7,34 +7,24 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from checkpoint_factory import build_converted, source_tensors
+from checkpoint_factory import build_converted, folder_bytes, source_tensors
 from converter.cli import main
 from converter.errors import HubError, VerificationError
 from converter.publish import push, stream_shards_to_hub
-from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
-from fakehub.upload import attach_uploads
+from fakehub import fake_hub, fake_hub_uploads, no_network  # noqa: F401 - fixtures
 
 TOKEN = "hf_good"
 REPO = "org/tiny-nf4"
 
 
 @pytest.fixture
-def hub(fake_hub):
-    fake_hub.uploads = attach_uploads(fake_hub)
-    return fake_hub
+def hub(fake_hub_uploads):
+    return fake_hub_uploads
 
 
 @pytest.fixture
 def folder(tmp_path, gen):
     return build_converted(tmp_path / "out", source_tensors(gen), shards=3)
-
-
-def _local_files(folder):
-    out = {}
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            out[name] = f.read()
-    return out
 
 
 def _sha(data: bytes) -> str:
@@ -47,7 +37,7 @@ def _shards(files):
 
 def test_push_arrives_byte_identical(hub, folder):
     """Every file lands byte for byte in one commit; shards went through LFS, one pre-upload each."""
-    local = _local_files(folder)
+    local = folder_bytes(folder)
     result = push(folder, REPO, token=TOKEN)
     repo = hub.repos[REPO]
     assert repo.files == local
@@ -69,7 +59,7 @@ def test_push_arrives_byte_identical(hub, folder):
 def test_interrupted_push_resends_only_missing(hub, folder):
     """A push cut off at the second shard leaves nothing committed; the re-run PUTs only the shards the
     Hub lacks (the first is answered 'already stored' by the LFS batch endpoint)."""
-    local = _local_files(folder)
+    local = folder_bytes(folder)
     shards = _shards(local)
     oids = [_sha(local[s]) for s in shards]
     hub.fail(rf"/__lfs/{REPO}/{oids[1]}", status=403)  # not retried by huggingface_hub: the run stops
@@ -114,7 +104,7 @@ def test_cli_push_private_branch(hub, folder):
     repo = hub.repos[REPO]
     assert repo.private
     assert hub.snapshot(repo, "main")[1] == {}
-    assert hub.snapshot(repo, "dev")[1] == _local_files(folder)
+    assert hub.snapshot(repo, "dev")[1] == folder_bytes(folder)
 
 
 def test_cli_push_bad_token(hub, folder):
@@ -128,7 +118,7 @@ def test_cli_push_bad_token(hub, folder):
 def test_stream_shards_deletes_local_copies(hub, folder, tmp_path):
     """The converter's streamer uploads each shard as it is added, deletes it locally, and commits the
     shards plus the remaining small files once at finish()."""
-    original = _local_files(folder)
+    original = folder_bytes(folder)
     work = tmp_path / "streamed"
     shutil.copytree(folder, work)
     stream = stream_shards_to_hub(REPO, token=TOKEN)

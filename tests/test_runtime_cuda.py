@@ -59,3 +59,23 @@ def test_cuda_device_map_auto(tmp_path, seed):
     prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(seed))
     kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert auto.generate(prompt.cuda(), **kwargs).tolist() == cpu_model.generate(prompt, **kwargs).tolist()
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 4100, 72), (3, 96, 40), (33, 4096, 264), (20, 72, 37)])
+def test_cuda_llm_int8_matches_cpu(seed, rows, k, n):
+    """LLM.int8 on the GPU (torch._int_mm where cuBLASLt takes the shape, else exact K-chunked float32)
+    gives the CPU's integers: bit-identical without outliers; with outlier columns (added back by a
+    float32 matmul in another order) within 1e-5 of max |y|."""
+    from converter.runtime.functional import matmul_int8
+
+    gen = torch.Generator().manual_seed(seed)
+    qt = converter.quantize(torch.randn(n, k, generator=gen) * k ** -0.5, "int8")
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(rows, k, generator=gen).clamp(-5, 5)  # no |x| >= 6: no outliers
+    cpu_y = matmul_int8(x, qt, bias)
+    gpu_y = matmul_int8(x.cuda(), qt.to("cuda"), bias.cuda())
+    assert torch.equal(gpu_y.cpu(), cpu_y)
+    x[:, [0, k // 2]] = 9.0  # two outlier columns
+    cpu_y = matmul_int8(x, qt, bias)
+    gpu_y = matmul_int8(x.cuda(), qt.to("cuda"), bias.cuda()).cpu()
+    assert (gpu_y - cpu_y).abs().max().item() <= 1e-5 * cpu_y.abs().max().item()

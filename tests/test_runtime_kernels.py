@@ -35,3 +35,19 @@ def test_gemm_4bit_threads_do_not_change_result(gen):
     one = cpu.gemm_4bit(x, qt.data, qt.absmax, 300, 512, 64, QuantType.NF4, threads=1)
     two = cpu.gemm_4bit(x, qt.data, qt.absmax, 300, 512, 64, QuantType.NF4, threads=2)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 4100, 9), (3, 1024, 5), (2, 2049, 7), (5, 30, 3)])
+def test_int8_matmul_fp32_chunks_is_exact(m, k, n, gen):
+    """The float32 K-chunked int8 product (the CUDA fallback of LLM.int8) equals torch._int_mm bit for
+    bit, even where one float32 sum over all of K could not be (row 0: 127 x 127, odd products whose
+    sum passes 2^24 when K > 1040)."""
+    from converter.runtime.functional import int8_matmul_fp32_chunks
+
+    ca = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    cb = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    ca[0] = 127
+    cb[0] = 127
+    got = int8_matmul_fp32_chunks(ca, cb)
+    assert got.dtype == torch.int32 and torch.equal(got, torch._int_mm(ca, cb.t()))
+    assert got[0, 0].item() == k * 127 * 127

@@ -327,3 +327,81 @@ def test_hub_repo_id_loads(fake_hub, tmp_path, seed):
         assert torch.equal(loaded(ids).logits, converter.load_quantized(folder)(ids).logits)
     with pytest.raises(SourceNotFoundError, match="org/missing"):
         converter.load_quantized("org/missing")
+
+
+def _gpt2_reference(model, folder):
+    """`model` with each Conv1D weight replaced by the checkpoint's dequantized (out, in) tensor
+    transposed back to Conv1D's (in, out): the model the quantized checkpoint stands for."""
+    import copy
+
+    from converter.bnb import quantized_prefixes
+    from converter.tensor import QuantizedTensor
+
+    ref = copy.deepcopy(model)
+    sd = _read_all(folder)
+    prefixes = quantized_prefixes(sd)
+    assert prefixes, "the converter quantized nothing"
+    for prefix in prefixes:
+        qt = QuantizedTensor.from_state_dict(sd, prefix)
+        conv = ref.get_submodule(prefix[:-1])
+        conv.weight = torch.nn.Parameter(qt.dequantize(torch.float32).t().contiguous(), requires_grad=False)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_gpt2_conv1d_checkpoint_loads(tmp_path, seed, quant):
+    """A GPT-2 converted by `converter.convert` (Conv1D weights transposed, then quantized) loads: every
+    Conv1D becomes a quantized Linear (in = nx, out = nf) and the logits equal a GPT-2 whose Conv1D
+    weights are the dequantized tensors transposed back."""
+    pytest.importorskip("converter.pipeline")
+    from runtime_checkpoints import tiny_gpt2
+
+    model = tiny_gpt2(seed)
+    model.save_pretrained(tmp_path / "src")
+    out = tmp_path / "q"
+    converter.convert(tmp_path / "src", out, quant=quant, compute_dtype="float32", progress=False)
+    if quant == "int8":  # LLM.int8 quantizes activations too: compare the plain dequantize path here
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["quantization_config"]["llm_int8_threshold"] = 0.0
+        (out / "config.json").write_text(json.dumps(cfg))
+    loaded = converter.load_quantized(out)
+    cls = Linear8bit if quant == "int8" else Linear4bit
+    c_fc = loaded.transformer.h[1].mlp.c_fc
+    assert isinstance(c_fc, cls) and (c_fc.in_features, c_fc.out_features) == (72, 120)
+    attn = loaded.transformer.h[0].attn.c_attn
+    assert isinstance(attn, cls) and (attn.in_features, attn.out_features) == (72, 216)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    ref = _gpt2_reference(model, out)
+    gen = torch.Generator().manual_seed(seed)
+    for shape in [(1, 1), (1, 6), (3, 19)]:
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=gen)
+        with torch.no_grad():
+            _assert_logits_close(loaded(ids).logits, ref(ids).logits, torch.float32)
+    assert set(loaded.state_dict()) - {"lm_head.weight"} == set(_read_all(out))
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("quant,dtype", [("nf4", "float32"), ("nf4", "bfloat16"), ("int8", "float32")])
+def test_gpt2_conv1d_matches_bitsandbytes(tmp_path, seed, quant, dtype):
+    """The same converted GPT-2 folder loaded by transformers + bitsandbytes (which also turns each
+    Conv1D into a Linear over the (out, in) weight) gives our logits within the stated tolerance."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("converter.pipeline")
+    import transformers
+    from runtime_checkpoints import tiny_gpt2
+
+    model = tiny_gpt2(seed, hidden=128, inner=256)  # bnb's CPU path needs K % blocksize == 0
+    model.save_pretrained(tmp_path / "src")
+    out = tmp_path / "q"
+    converter.convert(tmp_path / "src", out, quant=quant, compute_dtype=dtype, progress=False)
+    loaded = converter.load_quantized(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    torch_dtype = getattr(torch, dtype)
+    for shape in [(1, 4), (2, 13)]:
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=gen)
+        with torch.no_grad():
+            ours = loaded(ids).logits
+        with torch.enable_grad():  # bnb's CPU no-grad path repacks the statistics (FORMAT.md 3.4)
+            bnb_logits = theirs(ids).logits.detach()
+        _assert_logits_close(ours, bnb_logits, torch_dtype)

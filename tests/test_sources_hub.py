@@ -11,14 +11,14 @@ from click.testing import CliRunner
 from converter.cli import main
 from converter.errors import HubError, SourceNotFoundError
 from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
-from checkpoint_factory import tiny_llama
+from checkpoint_factory import folder_bytes, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """{path: bytes} of a tiny multi-shard Llama with index, config, generation config and a tokenizer file."""
     folder = tiny_llama(tmp_path_factory.mktemp("hubsrc") / "m", seed=3, max_shard_size="200KB")
-    out = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+    out = folder_bytes(folder)
     out["tokenizer_config.json"] = b'{"model_max_length": 64}'
     out["pytorch_model.bin"] = b"never downloaded"
     return out

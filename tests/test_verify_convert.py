@@ -6,13 +6,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from checkpoint_factory import source_tensors, write_source
+from checkpoint_factory import folder_bytes, source_tensors, write_source
 from converter.cli import main
 from converter.inspection import inspect
 from converter.publish import push
 from converter.verify import verify
-from fakehub import fake_hub, no_network  # noqa: F401 - fixtures
-from fakehub.upload import attach_uploads
+from fakehub import fake_hub, fake_hub_uploads, no_network  # noqa: F401 - fixtures
 
 REPO = "org/converted"
 
@@ -55,22 +54,17 @@ def test_convert_output_inspects_with_report(converted):
 def test_source_from_the_hub(fake_hub, converted):
     """--source also takes a Hub repo id: the source shards are fetched through sources.hub and compared."""
     src, out = converted
-    files = {}
-    for name in os.listdir(src):
-        with open(os.path.join(src, name), "rb") as f:
-            files[name] = f.read()
-    fake_hub.add_repo("org/source", files)
+    fake_hub.add_repo("org/source", folder_bytes(src))
     result = verify(out, source="org/source")
     assert result.ok, [str(f) for f in result.findings]
     assert result.reproduction["identical"] == result.reproduction["tensors_compared"] == 21
 
 
-def test_push_download_verify_round_trip(fake_hub, converted, tmp_path):
+def test_push_download_verify_round_trip(fake_hub_uploads, converted, tmp_path):
     """Pushed, then downloaded with huggingface_hub, the folder still verifies (sha256s intact) and
     inspects the same from the Hub as from disk."""
     from huggingface_hub import snapshot_download
 
-    attach_uploads(fake_hub)
     _, out = converted
     push(out, REPO, token="hf_good")
     local = snapshot_download(REPO, local_dir=tmp_path / "dl", token="hf_good")

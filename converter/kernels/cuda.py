@@ -315,11 +315,21 @@ def gemv_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     if not fused_supported(rows, k, x.dtype):
         raise QuantizationInputError(f"fused 4-bit matmul needs 1..{FUSED_MAX_ROWS} bf16/fp16 rows and "
                                      f"K % 32 == 0, got {rows} rows of {x.dtype}, K={k}")
+    if weight.device != device:
+        raise QuantizationInputError(f"weight is on {weight.device} but the activations are on {device}")
     packed = weight.data.reshape(-1)
     if packed.data_ptr() % 16:
         packed = packed.clone()
     y = torch.empty((rows, n_out), dtype=x.dtype, device=device)
-    scales = _scales(weight.absmax, weight.nested)
+    # the kernel reads the scales through raw pointers: they must be float32 on this device. They are
+    # when QuantizedTensor.to() moved everything together; only otherwise pay for copies (a decode
+    # step calls this per layer, so the common case stays a few attribute reads).
+    nested, absmax = weight.nested, weight.absmax
+    probe = absmax if nested is None else nested.absmax
+    if probe.device != device or probe.dtype != torch.float32 or (nested is not None and nested.codes.device != device):
+        nested = None if nested is None else _nested_on(nested, device)
+        absmax = None if absmax is None else absmax.to(device=device, dtype=torch.float32).contiguous()
+    scales = _scales(absmax, nested)
     with _on(device):
         _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, _ptr(packed, "uint8_t *"), scales,
                                         n_out, k, weight.blocksize, _QUANT4[weight.quant_type], _ptr(y),

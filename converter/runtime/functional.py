@@ -91,7 +91,8 @@ def matmul_int8(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None 
 
     threshold > 0: LLM.int8 as bitsandbytes runs it in eval mode (FORMAT.md 4.3): activations cast to
     fp16 and quantized per row with every |a| >= threshold treated as an outlier; the int8 product is
-    exact (int32), and outlier columns are added back in x.dtype against the dequantized weight columns.
+    exact (int32 on every device: `int8_matmul_exact`), and outlier columns are added back in x.dtype
+    against the dequantized weight columns.
     threshold <= 0: the plain path, dequantize the weight to x.dtype and multiply.
     """
     n_out, k = qt.shape
@@ -113,10 +114,7 @@ def matmul_int8(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None 
         ca[:, cols] = 0
     cb = qt.data.to(a.device)
     scb = qt.scb.to(a.device)
-    if a.device.type == "cpu":
-        acc = torch._int_mm(ca, cb.t())
-    else:  # float64 holds every int8 dot product of realistic widths exactly
-        acc = (ca.double() @ cb.double().t()).to(torch.int32)
+    acc = int8_matmul_exact(ca, cb)
     out = acc * (sca.unsqueeze(-1) * scb.unsqueeze(0)) * _INT8_MM_SCALE
     if bias is not None:
         out = out + bias.to(x.dtype)
@@ -125,6 +123,42 @@ def matmul_int8(x: torch.Tensor, qt: QuantizedTensor, bias: torch.Tensor | None 
         sub_w = (cb[:, cols].float() * scb.view(-1, 1) * _INT8_DEQUANT_SCALE).to(x.dtype)
         out = out.addmm(a[:, cols], sub_w.t())
     return out.reshape(*x.shape[:-1], n_out)
+
+
+# Largest K-chunk whose int8 dot products a float32 matmul sums exactly: every partial sum is an
+# integer of magnitude <= K * 128 * 128 (codes lie in [-128, 127]), and 1024 * 2^14 = 2^24, float32's
+# exact-integer range. Inputs in [-128, 127] are exact in fp32, TF32 (11 bits) and bf16 (8 bits), so the
+# chunked product is exact whatever float32_matmul_precision the user has set.
+_EXACT_FP32_K = 1024
+
+
+def int8_matmul_exact(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """(M, K) int8 @ (N, K)^T int8 -> (M, N) int32, exactly, on any device.
+
+    CPU: torch._int_mm. CUDA: torch._int_mm (cuBLASLt int8, int32 accumulation) where its shape rules
+    allow (M > 16, K and N multiples of 8), else float32 matmuls over K-chunks of at most 1024 (each
+    chunk's sum is an exact integer in float32, see _EXACT_FP32_K) added up in int32. Every branch
+    gives the same integers, so the result does not depend on the device or the shapes."""
+    m, k = ca.shape
+    n = cb.shape[0]
+    if ca.device.type == "cpu":
+        return torch._int_mm(ca, cb.t())
+    if m > 16 and k % 8 == 0 and n % 8 == 0:
+        try:
+            return torch._int_mm(ca, cb.t())
+        except RuntimeError:  # a GPU/cuBLAS without int8 GEMM for this layout: the exact float path below
+            pass
+    return int8_matmul_fp32_chunks(ca, cb)
+
+
+def int8_matmul_fp32_chunks(ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """The exact float32 fallback of `int8_matmul_exact` (device-agnostic, so CPU tests can check it)."""
+    acc = torch.zeros((ca.shape[0], cb.shape[0]), dtype=torch.int32, device=ca.device)
+    for k0 in range(0, ca.shape[1], _EXACT_FP32_K):
+        a = ca[:, k0:k0 + _EXACT_FP32_K].float()
+        b = cb[:, k0:k0 + _EXACT_FP32_K].float()
+        acc += (a @ b.t()).to(torch.int32)
+    return acc
 
 
 class QuantizedLinearFunction(torch.autograd.Function):

@@ -29,10 +29,14 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tikto
 
 
 def _download_snapshot(repo_id: str, revision: str | None) -> str:
-    """Hub repo id -> local snapshot folder.
+    """Hub repo id -> local snapshot folder (in the user's Hugging Face cache, reused by later loads).
 
-    TODO(lead): switch to converter.sources.hub once it lands (the only module meant to import
-    huggingface_hub); kept minimal here so the runtime works meanwhile."""
+    TODO(lead): move this call into converter.sources.hub (the only module meant to import
+    huggingface_hub) as a `snapshot(repo_id, *, revision, token, allow_patterns) -> folder` that pins
+    the revision to a commit and maps errors like HubSource._call. HubSource.iter_shards does not fit
+    loading: the loaded parameters are views of each shard's mmap (safetensors' get_tensor does not
+    copy), so deleting a shard after use frees no disk while the model lives (and fails on Windows),
+    and every load would download the whole checkpoint again instead of reusing the cache."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
@@ -153,8 +157,25 @@ def _quant_settings(cfg: dict) -> dict:
     }
 
 
+def _linear_features(module: nn.Module, prefix: str, name: str) -> tuple:
+    """(in_features, out_features) of a module a quantized weight may replace.
+
+    nn.Linear (exact type), or GPT-2's Conv1D: it stores its weight (in, out) and computes x @ W + b,
+    and the checkpoint holds that weight transposed to (out, in) (the converter and transformers + bnb
+    both transpose before quantizing), so a Linear over it computes the same x @ W + b."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    raise ModelLoadError(
+        f"{prefix}weight: quantized, but {name} is a {type(module).__name__}, not nn.Linear or Conv1D"
+    )
+
+
 def _replace_quantized_modules(model: nn.Module, quantized: dict, settings: dict, dtype, stored_dtype):
-    """Swap nn.Linear -> Linear4bit/Linear8bit for every prefix the checkpoint quantizes. 4-bit layers
+    """Swap nn.Linear / Conv1D -> Linear4bit/Linear8bit for every prefix the checkpoint quantizes. 4-bit layers
     compute in the config's compute dtype; int8 layers in the dtype of the surrounding activations."""
     workspace = rf.Workspace()
     for prefix, kind in quantized.items():
@@ -166,16 +187,15 @@ def _replace_quantized_modules(model: nn.Module, quantized: dict, settings: dict
             old = model.get_submodule(name)
         except AttributeError:
             raise ModelLoadError(f"{prefix}weight: the model has no module {name!r}") from None
-        if type(old) is not nn.Linear:
-            raise ModelLoadError(f"{prefix}weight: quantized, but {name} is a {type(old).__name__}, not nn.Linear")
+        in_features, out_features = _linear_features(old, prefix, name)
         has_bias = old.bias is not None
         if kind == "int8":
             compute = dtype or stored_dtype or torch.float32
-            new = Linear8bit(old.in_features, old.out_features, has_bias, compute_dtype=compute, device="meta",
+            new = Linear8bit(in_features, out_features, has_bias, compute_dtype=compute, device="meta",
                              threshold=settings["threshold"])
         else:
             compute = dtype or settings["compute_dtype_4bit"]
-            new = Linear4bit(old.in_features, old.out_features, has_bias, compute_dtype=compute, device="meta",
+            new = Linear4bit(in_features, out_features, has_bias, compute_dtype=compute, device="meta",
                              workspace=workspace)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

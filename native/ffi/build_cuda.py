@@ -8,7 +8,7 @@ context is the driver's primary context, which every runtime shares).
     python native/ffi/build_cuda.py          # build in place: converter/_native_cuda*.so
     python native/ffi/build_cuda.py --check  # compile the .cu files only (CI: catches build errors)
 
-`ffibuilder` is None when nvcc is not found, so a setup.py may list this module only when it is not.
+`ffibuilder` is a callable for setup.py's cffi_modules (list it only when find_nvcc() finds nvcc).
 The cdef is read from native/cuda/qckpt_cuda.h itself, so the compiler checks Python's view of the ABI.
 """
 from __future__ import annotations
@@ -105,16 +105,23 @@ def make_builder(nvcc: str):
     return ffi
 
 
-_NVCC = find_nvcc()
-ffibuilder = make_builder(_NVCC) if _NVCC and __name__ != "__main__" else None
+def ffibuilder():
+    """For setup.py's cffi_modules (cffi calls a callable it finds there): compile the .cu files with
+    nvcc and return the FFI. List it only where find_nvcc() is not None; importing this module compiles
+    nothing."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found: the CUDA extension cannot be built here")
+    return make_builder(nvcc)
 
 
 def build_in_place() -> pathlib.Path:
     """Build converter/_native_cuda*.so next to converter/_native_cpu (what `pip install -e .` would do)."""
-    if _NVCC is None:
+    nvcc = find_nvcc()
+    if nvcc is None:
         raise SystemExit("nvcc not found: the CUDA extension is optional and was not built")
     tmp = BUILD / "ffi"
-    so = pathlib.Path(make_builder(_NVCC).compile(tmpdir=str(tmp)))
+    so = pathlib.Path(make_builder(nvcc).compile(tmpdir=str(tmp)))
     target = ROOT / "converter" / so.name
     shutil.copy2(so, target.with_suffix(".tmp"))
     os.replace(target.with_suffix(".tmp"), target)
@@ -123,10 +130,11 @@ def build_in_place() -> pathlib.Path:
 
 if __name__ == "__main__":
     if "--check" in sys.argv:
-        if _NVCC is None:
+        found = find_nvcc()
+        if found is None:
             print("nvcc not found: CUDA compile check skipped")
             raise SystemExit(0)
-        objs = compile_objects(_NVCC, BUILD / "check", arches=("90",) if "--quick" in sys.argv else ARCHES)
-        print(f"compiled {len(objs)} CUDA sources with {_NVCC}")
+        objs = compile_objects(found, BUILD / "check", arches=("80",) if "--quick" in sys.argv else ARCHES)
+        print(f"compiled {len(objs)} CUDA sources with {found}")
     else:
         print(f"built {build_in_place()}")

@@ -1,7 +1,8 @@
 /* blockwise8.c -- 8-bit blockwise quantization against a sorted 256-entry map (the dynamic map used
  * for double-quantized absmax, and for 8-bit optimizer states). Nearest entry by float32 midpoints,
  * exact midpoint ties to the even index, NaN -> 0: bitsandbytes' CUDA rule (FORMAT.md 2.3).
- * Scalar, plus an AVX-512 gather variant of the same search (identical codes): double quant runs once per
+ * Scalar, plus an AVX-512 gather variant of the same search (identical codes) and of the decode (identical
+ * floats: the same mul then add): double quant runs once per
  * weight on 1/blocksize of its elements. Tested against reference.codes_nearest_even on every variant. */
 #include <stdlib.h>
 
@@ -89,16 +90,41 @@ static void quantize_range(void *ctx, int64_t b0, int64_t b1, int32_t worker) {
     }
 }
 
+static void dequantize_codes_scalar(const b8_job *job, int64_t start, int64_t end, float amax) {
+    for (int64_t i = start; i < end; i++) {
+        float scaled = job->code[job->codes_in[i]] * amax; /* two roundings: no FMA (-ffp-contract=off) */
+        job->out[i] = scaled + job->offset;
+    }
+}
+
+#ifdef QCKPT_HAVE_X86
+/* The same two roundings (mul, then add) on 16 lanes, the map read by a gather: the runtime decodes a
+ * double-quantized absmax on every 4-bit forward, where the scalar loop was ~0.14 ms at 4096x4096. */
+__attribute__((target("avx512f"))) static void dequantize_codes_avx512(const b8_job *job, int64_t start, int64_t end,
+                                                                       float amax) {
+    const __m512 va = _mm512_set1_ps(amax), voff = _mm512_set1_ps(job->offset);
+    int64_t i = start;
+    for (; i + 16 <= end; i += 16) {
+        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(job->codes_in + i)));
+        __m512 scaled = _mm512_mul_ps(_mm512_i32gather_ps(idx, job->code, 4), va);
+        _mm512_storeu_ps(job->out + i, _mm512_add_ps(scaled, voff));
+    }
+    dequantize_codes_scalar(job, i, end, amax);
+}
+#endif
+
 static void dequantize_range(void *ctx, int64_t b0, int64_t b1, int32_t worker) {
     (void)worker;
     b8_job *job = (b8_job *)ctx;
     for (int64_t b = b0; b < b1; b++) {
         int64_t start = b * job->blocksize, end = start + job->blocksize < job->n ? start + job->blocksize : job->n;
-        float amax = job->absmax_in[b];
-        for (int64_t i = start; i < end; i++) {
-            float scaled = job->code[job->codes_in[i]] * amax; /* two roundings: no FMA (-ffp-contract=off) */
-            job->out[i] = scaled + job->offset;
+#ifdef QCKPT_HAVE_X86
+        if (job->isa == QCKPT_ISA_AVX512) {
+            dequantize_codes_avx512(job, start, end, job->absmax_in[b]);
+            continue;
         }
+#endif
+        dequantize_codes_scalar(job, start, end, job->absmax_in[b]);
     }
 }
 
@@ -150,6 +176,6 @@ qckpt_status qckpt_dequantize_blockwise8(const uint8_t *codes, const float *absm
     if (st != QCKPT_OK) return st;
     if ((st = check(n, blocksize, codes, absmax, code, out)) != QCKPT_OK) return st;
     b8_job job = {.n = n, .blocksize = blocksize, .code = code, .codes_in = codes, .absmax_in = absmax,
-                  .offset = offset, .out = out};
+                  .offset = offset, .out = out, .isa = isa};
     return qckpt_parallel_for(qk_ceil_div(n, blocksize), qk_ceil_div(65536, blocksize), threads, dequantize_range, &job);
 }

@@ -7,7 +7,7 @@ import pytest
 from . import guard
 from .server import FakeHub, git_sha1
 
-__all__ = ["FakeHub", "fake_hub", "git_sha1", "no_network"]
+__all__ = ["FakeHub", "fake_hub", "fake_hub_uploads", "git_sha1", "no_network"]
 
 
 @pytest.fixture
@@ -42,3 +42,12 @@ def fake_hub(tmp_path, monkeypatch, no_network):
             monkeypatch.setattr(c, name, value)
     yield hub
     hub.stop()
+
+
+@pytest.fixture
+def fake_hub_uploads(fake_hub):
+    """fake_hub with the upload endpoints attached; their state and log are `hub.uploads`."""
+    from .upload import attach_uploads
+
+    fake_hub.uploads = attach_uploads(fake_hub)
+    return fake_hub

@@ -27,23 +27,40 @@ __host__ __device__ inline int hibit32(uint32_t v) {
  * total / count = floor(T / count) * 2^E + (rem * 2^E + low) / count, and the last term is below 2^E,
  * so Q = floor(T / count) holds every quotient bit at or above 2^E and the rest is nonzero exactly when
  * rem or low is. T has its top bit set, so Q >= 2^63 / 2^39 = 2^24: 24 bits and a rounding bit. */
-__host__ __device__ inline float mean_from_bins(const unsigned long long *bins, unsigned long long count) {
+__host__ __device__ inline int lowbit32(uint32_t v) {
+#ifdef __CUDA_ARCH__
+    return __ffs(v) - 1;
+#else
+    return __builtin_ctz(v);
+#endif
+}
+
+/* nonzero: 8 words marking the nonzero bins (the kernel finds them with ballots; one thread walking
+ * all 256 bins cost microseconds), or NULL to scan. */
+__host__ __device__ inline float mean_from_bins(const unsigned long long *bins, unsigned long long count,
+                                                const uint32_t *nonzero = nullptr) {
     uint32_t limb[kLimbs];
     for (int i = 0; i < kLimbs; i++) limb[i] = 0;
     int top = -1;
-    for (int e = 0; e < 256; e++) {
-        const unsigned long long v = bins[e];
-        if (!v) continue;
-        const int li = e >> 4, sh = e & 15;
-        const unsigned long long lo = v << sh, hi = sh ? v >> (64 - sh) : 0; /* v * 2^sh = hi:lo */
-        unsigned long long carry = 0;
-        for (int k = 0; li + k < kLimbs; k++) {
-            const unsigned long long piece = k < 4 ? (lo >> (16 * k)) & 0xFFFF : (k == 4 ? hi : 0);
-            const unsigned long long sum = limb[li + k] + piece + carry;
-            limb[li + k] = (uint32_t)(sum & 0xFFFF);
-            carry = sum >> 16;
-            if (limb[li + k] && li + k > top) top = li + k;
-            if (k >= 4 && carry == 0) break;
+    for (int w = 0; w < 8; w++) {
+        uint32_t marks = 0;
+        if (nonzero) marks = nonzero[w];
+        else
+            for (int j = 0; j < 32; j++) marks |= uint32_t(bins[w * 32 + j] != 0) << j;
+        for (; marks; marks &= marks - 1) {
+            const int e = w * 32 + lowbit32(marks);
+            const unsigned long long v = bins[e];
+            const int li = e >> 4, sh = e & 15;
+            const unsigned long long lo = v << sh, hi = sh ? v >> (64 - sh) : 0; /* v * 2^sh = hi:lo */
+            unsigned long long carry = 0;
+            for (int k = 0; li + k < kLimbs; k++) {
+                const unsigned long long piece = k < 4 ? (lo >> (16 * k)) & 0xFFFF : (k == 4 ? hi : 0);
+                const unsigned long long sum = limb[li + k] + piece + carry;
+                limb[li + k] = (uint32_t)(sum & 0xFFFF);
+                carry = sum >> 16;
+                if (limb[li + k] && li + k > top) top = li + k;
+                if (k >= 4 && carry == 0) break;
+            }
         }
     }
     if (top < 0) return 0.0f;
@@ -93,7 +110,7 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
             for (int j = 0; j < 4; j++) v[j] = i0 + j < n ? values[i0 + j] : 0.0f;
         }
     };
-    /* few blocks (same-address atomics at the end serialize), each with its next load in flight */
+    /* each warp keeps its next load in flight while it sums the current values */
     float next[4];
     const int64_t first = (int64_t(blockIdx.x) * blockDim.x + (threadIdx.x & ~31)) * 4;
     if (first < n) load4(first + lane * 4, next);
@@ -130,9 +147,16 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
     /* read the totals and leave the workspace reusable: the next call starts from zero sums */
     for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = atomicExch(&ws[kWsBins + i], 0ull);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        ws[kWsMean] = __float_as_uint(mean_from_bins(bins, (unsigned long long)n));
-        ws[kWsCounter] = 0;
+    if (threadIdx.x < 32) {
+        __shared__ uint32_t nonzero[8];
+        for (int w = 0; w < 8; w++) {
+            const uint32_t marks = __ballot_sync(kFullMask, bins[w * 32 + threadIdx.x] != 0);
+            if (threadIdx.x == 0) nonzero[w] = marks;
+        }
+        if (threadIdx.x == 0) {
+            ws[kWsMean] = __float_as_uint(mean_from_bins(bins, (unsigned long long)n, nonzero));
+            ws[kWsCounter] = 0;
+        }
     }
 }
 

@@ -1,0 +1,52 @@
+"""How far a quantized weight is from the original: relative Frobenius error and max abs error, measured
+in chunks into reused float32 scratch buffers (the conversion report's per-tensor figures)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_ERROR_CHUNK = 1 << 20  # elements per error-measuring pass: 4 MB scratch buffers, no full-size temporaries
+
+
+def error_stats(qt, weight: torch.Tensor, scratch) -> tuple[float, float]:
+    """(relative Frobenius error, max abs error) of the dequantized weight.
+
+    Chunked ops into reused float32 scratch buffers: fresh full-size temporaries cost more in page faults
+    than the arithmetic and would double the memory held for the largest weight."""
+    restored = qt.dequantize(torch.float32).reshape(-1)
+    with _single_threaded_torch():
+        return _compare(restored, weight, scratch)
+
+
+class _single_threaded_torch:
+    """These passes are memory-bound: torch's intra-op pool adds a thread sync per op and no speed (and
+    stalls badly on a busy machine), so run them on one thread and restore the caller's setting after."""
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def _compare(restored, weight, scratch) -> tuple[float, float]:
+    n = restored.numel()
+    size = min(n, _ERROR_CHUNK)
+    ref = scratch(0, size, restored.device)
+    diff = scratch(1, size, restored.device)
+    flat = weight.reshape(-1)
+    err2 = ref2 = 0.0
+    lo = hi = 0.0
+    for i in range(0, n, size):
+        m = min(size, n - i)
+        r, d = ref[:m], diff[:m]
+        r.copy_(flat[i:i + m])
+        torch.sub(restored[i:i + m], r, out=d)
+        err2 += float(torch.dot(d, d))
+        ref2 += float(torch.dot(r, r))
+        mn, mx = torch.aminmax(d)
+        lo, hi = min(lo, float(mn)), max(hi, float(mx))
+    rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    return rel, max(-lo, hi)
