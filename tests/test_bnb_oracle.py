@@ -11,6 +11,7 @@ from converter.formats import codebooks as cb
 from converter.formats import reference as ref
 from converter.formats.codebooks import QuantType
 from converter.kernels import cpu
+from bits import same_bits
 
 pytest.importorskip("bitsandbytes")
 with warnings.catch_warnings():
@@ -22,13 +23,6 @@ pytestmark = pytest.mark.bnb
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
-        a, b = a.view(view), b.view(view)
-    return torch.equal(a, b)
 
 
 def full_block_weight(rows, cols, dtype, gen):

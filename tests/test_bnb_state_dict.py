@@ -10,6 +10,7 @@ import torch
 from converter import QuantizedTensor, quantize
 from converter.bnb.state_dict import quantized_prefixes
 from converter.errors import StateDictError
+from bits import same_bits
 
 bnb = pytest.importorskip("bitsandbytes")
 with warnings.catch_warnings():
@@ -21,13 +22,6 @@ pytestmark = pytest.mark.bnb
 PREFIX = "model.layers.0.mlp.up_proj."
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
-        a, b = a.view(view), b.view(view)
-    return torch.equal(a, b)
 
 
 def equal_but_fp4_zero_sign(ours, theirs, quant_type) -> bool:

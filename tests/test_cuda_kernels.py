@@ -11,6 +11,7 @@ from converter.formats import reference as ref
 from converter.formats.codebooks import QuantType
 from converter.kernels import cpu
 from converter.kernels import cuda as kcuda
+from bits import same_bits
 
 pytestmark = pytest.mark.cuda
 if not torch.cuda.is_available():
@@ -22,15 +23,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUANT4 = [QuantType.NF4, QuantType.FP4]
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality on the CPU (torch.equal treats -0.0 == 0.0 and NaN != NaN)."""
-    a, b = a.detach().cpu(), b.detach().cpu()
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
-        a, b = a.view(view), b.view(view)
-    return torch.equal(a, b)
 
 
 def where_diff(a: torch.Tensor, b: torch.Tensor) -> str:

@@ -12,18 +12,11 @@ from converter import QuantizedTensor, dequantize, quantize
 from converter.errors import QuantizationInputError
 from converter.formats import reference as ref
 from converter.formats.codebooks import QuantType
+from bits import same_bits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (torch.equal treats -0.0 == 0.0)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.is_floating_point():
-        view = {4: torch.int32, 2: torch.int16}[a.element_size()]
-        a, b = a.view(view), b.view(view)
-    return torch.equal(a, b)
 
 
 def reference_4bit(x, quant_type, blocksize, double_quant, dtype):

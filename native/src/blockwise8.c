@@ -1,9 +1,10 @@
 /* blockwise8.c -- 8-bit blockwise quantization against a sorted 256-entry map (the dynamic map used
  * for double-quantized absmax, and for 8-bit optimizer states). Nearest entry by float32 midpoints,
  * exact midpoint ties to the even index, NaN -> 0: bitsandbytes' CUDA rule (FORMAT.md 2.3).
- * Scalar, plus an AVX-512 gather variant of the same search (identical codes) and of the decode (identical
- * floats: the same mul then add): double quant runs once per
- * weight on 1/blocksize of its elements. Tested against reference.codes_nearest_even on every variant. */
+ * Scalar, plus an AVX-512 gather variant of the same search (identical codes): double quant runs once per
+ * weight on 1/blocksize of its elements. Tested against reference.codes_nearest_even on every variant.
+ * The decode has an AVX-512 variant too (identical floats: the same mul, then add): the runtime decodes
+ * a double-quantized absmax on every 4-bit forward. */
 #include <stdlib.h>
 
 #include "internal.h"
