@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..bnb.state_dict import from_bnb_state_dict, quantized_prefixes
-from ..errors import ModelLoadError, SourceNotFoundError, StateDictError
+from ..errors import ModelLoadError, StateDictError
 from . import functional as rf
 from .modules import Linear4bit, Linear8bit
 
@@ -29,22 +29,12 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.tikto
 
 
 def _download_snapshot(repo_id: str, revision: str | None) -> str:
-    """Hub repo id -> local snapshot folder (in the user's Hugging Face cache, reused by later loads).
+    """Hub repo id -> local snapshot folder in the user's Hugging Face cache (reused by later loads).
+    Shards are kept, not deleted after use as the converter does: loaded tensors are views of each
+    shard's memory map (safetensors' get_tensor does not copy)."""
+    from ..sources.hub import snapshot
 
-    TODO(lead): move this call into converter.sources.hub (the only module meant to import
-    huggingface_hub) as a `snapshot(repo_id, *, revision, token, allow_patterns) -> folder` that pins
-    the revision to a commit and maps errors like HubSource._call. HubSource.iter_shards does not fit
-    loading: the loaded parameters are views of each shard's mmap (safetensors' get_tensor does not
-    copy), so deleting a shard after use frees no disk while the model lives (and fails on Windows),
-    and every load would download the whole checkpoint again instead of reusing the cache."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
-        raise SourceNotFoundError(f"{repo_id}: not a local path, and huggingface_hub is not installed") from exc
-    try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
-    except Exception as exc:  # the Hub's own errors (404, auth, offline) -> one line
-        raise SourceNotFoundError(f"{repo_id}: cannot download from the Hub ({type(exc).__name__}: {exc})") from None
+    return snapshot(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS)
 
 
 def _resolve(path_or_repo, revision) -> str:

@@ -79,48 +79,10 @@ class HubSource:
         return self._where(shard)
 
     def _call(self, fn, what=None, filename=None):
-        """Run a Hub call; retry server errors and dropped connections; turn failures into one-line errors."""
-        from huggingface_hub import errors as e
-
-        last = None
-        for attempt in range(self.retries):
-            try:
-                return fn()
-            except e.GatedRepoError:
-                raise HubError(f"{self.repo_id}: gated repository; accept its terms on the Hub and pass --token "
-                               "(or set HF_TOKEN)") from None
-            except e.RevisionNotFoundError:
-                raise SourceNotFoundError(f"{self.repo_id}: {what or 'revision'} not found") from None
-            except e.RepositoryNotFoundError:
-                hint = "" if self.token else " (if it is private or gated, pass --token or set HF_TOKEN)"
-                raise SourceNotFoundError(f"{self.repo_id}: repository not found or not accessible on the Hub{hint}") from None
-            except e.LocalEntryNotFoundError as exc:  # the Hub was unreachable (it is an EntryNotFoundError too)
-                last = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-            except e.EntryNotFoundError:
-                raise SourceNotFoundError(f"{self._where(filename or '?')}: file not found in the repo") from None
-            except e.OfflineModeIsEnabled:
-                raise HubError(f"{self.repo_id}: HF_HUB_OFFLINE is set and the files are not in the local cache") from None
-            except e.HfHubHTTPError as exc:
-                status = exc.response.status_code if exc.response is not None else None
-                if status is not None and status < 500 and status != 429:
-                    if status in (401, 403):
-                        raise HubError(f"{self.repo_id}: access denied (HTTP {status}); pass --token or set HF_TOKEN") from None
-                    raise HubError(f"{self.repo_id}: HTTP {status} from the Hub for {filename or 'the repo'}") from None
-                last = f"HTTP {status}"
-            except OSError as exc:
-                if isinstance(exc, HubError):
-                    raise
-                if exc.errno == errno.ENOSPC:
-                    raise DiskFullError(f"disk full while downloading {self._where(filename or '?')}") from None
-                last = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-            except Exception as exc:  # noqa: BLE001 - httpx2 transport errors have no common public base here
-                if type(exc).__module__.split(".")[0] not in ("httpx2", "httpx", "httpcore", "h11"):
-                    raise
-                last = f"{type(exc).__name__}: {exc}"
-            if attempt + 1 < self.retries:
-                time.sleep(self.backoff * (attempt + 1))
-        target = self._where(filename) if filename else self.repo_id
-        raise HubError(f"{target}: Hub request failed after {self.retries} attempts ({last})")
+        """Run a Hub call with this source's retries; failures become one-line errors naming the file."""
+        where = self._where(filename) if filename else None
+        return call_hub(fn, self.repo_id, token=self.token, retries=self.retries, backoff=self.backoff,
+                        what=what, where=where)
 
     # -- headers ------------------------------------------------------------------------------------
     def _get_range(self, filename: str, start: int, end: int) -> bytes:
@@ -243,3 +205,62 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def call_hub(fn, repo_id: str, *, token=None, retries: int = 3, backoff: float = 0.5, what=None, where=None):
+    """Run a Hub call; retry server errors and dropped connections; turn failures into one-line errors.
+    `where` names the file for messages (default: the repo)."""
+    from huggingface_hub import errors as e
+
+    last = None
+    for attempt in range(retries):
+        try:
+            return fn()
+        except e.GatedRepoError:
+            raise HubError(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token "
+                           "(or set HF_TOKEN)") from None
+        except e.RevisionNotFoundError:
+            raise SourceNotFoundError(f"{repo_id}: {what or 'revision'} not found") from None
+        except e.RepositoryNotFoundError:
+            hint = "" if token else " (if it is private or gated, pass --token or set HF_TOKEN)"
+            raise SourceNotFoundError(f"{repo_id}: repository not found or not accessible on the Hub{hint}") from None
+        except e.LocalEntryNotFoundError as exc:  # the Hub was unreachable (it is an EntryNotFoundError too)
+            last = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        except e.EntryNotFoundError:
+            raise SourceNotFoundError(f"{(where or repo_id)}: file not found in the repo") from None
+        except e.OfflineModeIsEnabled:
+            raise HubError(f"{repo_id}: HF_HUB_OFFLINE is set and the files are not in the local cache") from None
+        except e.HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status is not None and status < 500 and status != 429:
+                if status in (401, 403):
+                    raise HubError(f"{repo_id}: access denied (HTTP {status}); pass --token or set HF_TOKEN") from None
+                raise HubError(f"{repo_id}: HTTP {status} from the Hub for {where or 'the repo'}") from None
+            last = f"HTTP {status}"
+        except OSError as exc:
+            if isinstance(exc, HubError):
+                raise
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"disk full while downloading {(where or repo_id)}") from None
+            last = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        except Exception as exc:  # noqa: BLE001 - httpx2 transport errors have no common public base here
+            if type(exc).__module__.split(".")[0] not in ("httpx2", "httpx", "httpcore", "h11"):
+                raise
+            last = f"{type(exc).__name__}: {exc}"
+        if attempt + 1 < retries:
+            time.sleep(backoff * (attempt + 1))
+    target = where or repo_id
+    raise HubError(f"{target}: Hub request failed after {retries} attempts ({last})")
+
+
+def snapshot(repo_id: str, *, revision=None, token=None, allow_patterns=None, retries: int = 3) -> str:
+    """Download (or reuse from the user's cache) the files of `repo_id` matching `allow_patterns`, pinned
+    to the commit `revision` resolves to; return the local snapshot folder. Used by the runtime loader,
+    whose tensors stay memory-mapped from these files, so they are kept (unlike HubSource's shards)."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(token=token)
+    info = call_hub(lambda: api.model_info(repo_id, revision=revision), repo_id, token=token, retries=retries,
+                    what=f"revision {revision}" if revision else None)
+    return call_hub(lambda: snapshot_download(repo_id, revision=info.sha, token=token, allow_patterns=allow_patterns),
+                    repo_id, token=token, retries=retries)
