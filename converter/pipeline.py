@@ -169,6 +169,10 @@ class _Run:
 
         weight = tensor.t().contiguous() if tp.transpose else tensor
         del tensor
+        if self.device != "cpu":  # one pinned H2D copy serves the quantize kernels and the error pass
+            from .kernels import cuda as kcuda
+
+            weight = kcuda.to_device(weight, self.device)
         qt = quantize(weight, s.quant, blocksize=s.blocksize, double_quant=s.double_quant,
                       device=None if self.device == "cpu" else self.device, threads=self.threads,
                       name=f"{reader.where}: tensor {tp.name}")

@@ -31,7 +31,7 @@ def resolve_threads(threads: int | None) -> int:
 
 
 def forced_isa() -> str | None:
-    """QCKPT_ISA=scalar|avx2|avx512 pins the CPU kernel variant (for parity tests and benchmarks)."""
+    """QCKPT_ISA=scalar|avx2|avx512|neon pins the CPU kernel variant (for parity tests and benchmarks)."""
     raw = os.environ.get("QCKPT_ISA", "").strip().lower()
     return raw or None
 

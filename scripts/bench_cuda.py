@@ -133,6 +133,36 @@ def host_profile(fn, path, calls: int = 300):
     path.write_text(text)
 
 
+def exact_mean_sweep(nb: int, gen) -> list:
+    """The exact-mean kernel alone (graph time), at the size of one weight's absmax and at one block's
+    worth (its fixed cost: launch, the last block's big-integer finish), for several grid sizes
+    (QCKPT_CUDA_MEAN_BLOCKS_PER_SM); each result is checked against reference.exact_mean_f32."""
+    import os
+
+    from converter.formats.reference import exact_mean_f32
+
+    ffi, lib = kcuda.load()
+    ws = kcuda.new_workspace("cuda")
+    rows = []
+    for n in (1024, nb):
+        vals = [torch.randn(n, device="cuda", generator=gen).abs_().mul_(0.05) for _ in range(ROTATE)]
+        want = exact_mean_f32(vals[0].cpu())
+        for per_sm in (1, 2, 4, 8, 16):
+            os.environ["QCKPT_CUDA_MEAN_BLOCKS_PER_SM"] = str(per_sm)
+            stream = kcuda._stream(torch.device("cuda", torch.cuda.current_device()))
+            kcuda._check(lib.qckpt_cuda_workspace_reset(kcuda._ptr(ws, "int64_t *"), stream))
+            kcuda._check(lib.qckpt_cuda_exact_mean(kcuda._ptr(vals[0], "float *"), n, kcuda._ptr(ws, "int64_t *"), stream))
+            got = kcuda.finish(ws)
+            ms = timed([lambda v=v: lib.qckpt_cuda_exact_mean(
+                kcuda._ptr(v, "float *"), n, kcuda._ptr(ws, "int64_t *"),
+                kcuda._stream(torch.device("cuda", torch.cuda.current_device()))) for v in vals])
+            ok = got == want
+            rows.append(dict(n=n, per_sm=per_sm, ms=ms, ok=ok))
+            print(f"  exact mean n={n} blocks/SM={per_sm}: {1000 * ms:.1f} us, matches reference: {ok}")
+    os.environ.pop("QCKPT_CUDA_MEAN_BLOCKS_PER_SM", None)
+    return rows
+
+
 def fmt(ms):
     return "—" if ms is None else f"{ms:.4f}"
 
@@ -188,6 +218,7 @@ def main():
         same = (packed_b.reshape(-1) == ours_qt.data.reshape(-1)).float().mean().item()
         print(f"  packed bytes equal to bitsandbytes' CUDA quantizer: {100 * same:.4f}%")
     del xs
+    mean_rows = exact_mean_sweep(n // 64, gen)
 
     # ---- 4-bit matmul ----
     batches = [1, 16] if args.quick else [1, 16, 128]
@@ -230,10 +261,16 @@ def main():
         note = f" (rel err {r['rel_err']:.1e})" if "rel_err" in r else ""
         lines.append(f"| {r['op']}{note} | {fmt(r['ours'])} | {fmt(r['ours_api'])} | {fmt(r['bnb'])} | "
                      f"{fmt(r['torch'])} | {gbs:.0f} | {floor_ms:.4f} | {speedup} |")
+    lines += ["", "Exact-mean kernel alone (us, CUDA-graph median; grid = min(ceil(n/1024), SMs x blocks/SM)):", "",
+              "| n | " + " | ".join(f"{r['per_sm']}/SM" for r in mean_rows if r["n"] == 1024) + " |",
+              "|---|" + "---|" * sum(r["n"] == 1024 for r in mean_rows)]
+    for size in sorted({r["n"] for r in mean_rows}):
+        cells = [f"{1000 * r['ms']:.1f}{'' if r['ok'] else ' WRONG'}" for r in mean_rows if r["n"] == size]
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     (out / "bench_cuda.md").write_text(table + "\n")
-    (out / "bench_cuda.json").write_text(json.dumps(dict(card=card, date=date, copy_gbs=bw, rows=rows), indent=1))
+    (out / "bench_cuda.json").write_text(json.dumps(dict(card=card, date=date, copy_gbs=bw, rows=rows, exact_mean=mean_rows), indent=1))
 
 
 if __name__ == "__main__":

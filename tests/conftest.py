@@ -25,8 +25,9 @@ def cpu_isas() -> list:
     """Every native ISA variant this CPU can run, scalar first (the reference the others must equal)."""
     from converter.kernels import cpu
 
-    order = ["scalar", "avx2", "avx512"]
-    return order[: order.index(cpu.best_isa()) + 1]
+    best = cpu.best_isa()
+    order = ["scalar", "neon"] if best == "neon" else ["scalar", "avx2", "avx512"]
+    return order[: order.index(best) + 1]
 
 
 def _awkward_weight(shape, dtype, blocksize, gen, zero_block=True):

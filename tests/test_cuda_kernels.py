@@ -242,3 +242,33 @@ def test_gemm_4bit_other_paths_match_reference(gen):
     y = kcuda.gemm_4bit(x, qt, bias)
     want = reference_matmul(x.reshape(6, 64), qt) + bias.cpu().to(torch.bfloat16).double()
     assert y.shape == (2, 3, 48) and rel_err(y.reshape(6, 48), want) < 1e-2
+
+
+def test_quantize_cpu_tensor_on_cuda_device_same_bytes(gen):
+    """converter.quantize(cpu_tensor, device="cuda") -- the converter's path: small tensors copied plainly,
+    large ones staged through the reused pinned buffer (grown, then reused back to back) -- gives the CPU
+    bytes, leaves the caller's tensor untouched and returns the result on the GPU."""
+    sizes = [(300, 1001), (1024, 1031), (2053, 1537), (515, 1029)]  # < 1 MiB, then larger: growth and reuse
+    for dtype in (torch.bfloat16, torch.float32):
+        pending = []
+        for shape in sizes:
+            x = tricky_weight(shape[0] * shape[1], 64, dtype, gen).reshape(shape)
+            before = x.clone()
+            pending.append((x, before, converter.quantize(x, "nf4", 64, True, device="cuda")))
+        for x, before, got in pending:
+            assert got.device.type == "cuda"
+            assert same_bits(x, before)
+            assert_same_qt(got, converter.quantize(x, "nf4", 64, True), f"staged {dtype} {tuple(x.shape)}")
+    x = torch.randn(700, 1500, generator=gen).to(torch.float16)
+    assert_same_qt(converter.quantize(x, "int8", device="cuda"), converter.quantize(x, "int8"), "staged int8")
+
+
+def test_to_device_copies_exactly():
+    """to_device: non-contiguous and misaligned CPU views, above and below the staging threshold, arrive
+    bit-exact, contiguous and 16-byte aligned; a following copy does not overwrite the previous result."""
+    base = torch.randn(1200, 1300).to(torch.bfloat16)
+    views = [base.t(), base[:, 1:], base.reshape(-1)[3:1003], base[::2]]
+    outs = [kcuda.to_device(v, "cuda") for v in views]
+    for v, out in zip(views, outs):
+        assert out.device.type == "cuda" and out.is_contiguous() and out.data_ptr() % 16 == 0
+        assert same_bits(out.cpu(), v.contiguous())

@@ -14,6 +14,18 @@ from converter.optim import reference as ref
 M_MAP, V_MAP = maps.signed_map(), maps.unsigned_map()
 
 
+@pytest.fixture(params=["default", "avx512-gathers"])
+def cpu_isas(request, cpu_isas, monkeypatch):
+    """conftest's variants; then, where AVX-512 runs, once more with QCKPT_OPTIM_NO_VBMI set, so the AVX-512
+    variant's gather path is compared too on CPUs where it would take the VBMI byte-permute path."""
+    if request.param == "avx512-gathers":
+        if "avx512" not in cpu_isas:
+            pytest.skip("no AVX-512 variant on this CPU")
+        monkeypatch.setenv("QCKPT_OPTIM_NO_VBMI", "1")
+        return ["avx512"]
+    return cpu_isas
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
@@ -185,3 +197,19 @@ def test_code_selection_over_all_magnitudes(gen, cpu_isas):
                  torch.zeros(blocks))
         for isa in cpu_isas:
             _assert_same(*_run_both(torch.zeros(n), g, state, s, isa, 2))
+
+
+@pytest.mark.parametrize("blocksize", [16, 200, 320, 4096])
+def test_8bit_step_other_blocksizes(blocksize, gen, cpu_isas):
+    """Blocks that are not a multiple of the 64-element VBMI chunk (or shorter than one) equal the reference."""
+    n = 3 * blocksize + 77
+    p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-3
+    mc, ma = ref.quantize(torch.randn(n, generator=gen) * 1e-3, M_MAP, blocksize)
+    vc, va = ref.quantize(torch.rand(n, generator=gen) * 1e-6, V_MAP, blocksize)
+    s = _scalars(step=2)
+    expected = ref.adamw8bit_step(p, g, mc, ma, vc, va, M_MAP, V_MAP, s, blocksize=blocksize)
+    for isa in cpu_isas:
+        P, state = p.clone(), [t.clone() for t in (mc, ma, vc, va)]
+        optim_cpu.adamw8bit_step(P, g, state[0], state[1], M_MAP, state[2], state[3], V_MAP, s, blocksize=blocksize,
+                                 isa=isa, threads=2)
+        _assert_same(expected, (P, *state))

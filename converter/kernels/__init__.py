@@ -21,7 +21,8 @@ def quantize(tensor, quant_type: QuantType, blocksize, double_quant, *, device=N
     if device.type != "cpu":
         from . import cuda
 
-        return cuda.quantize(tensor.to(device), quant_type, blocksize, double_quant, name=name)
+        # cuda.quantize stages a CPU tensor through pinned memory (a plain .to() is a pageable sync copy)
+        return cuda.quantize(tensor, quant_type, blocksize, double_quant, device=device, name=name)
     source = tensor.detach()
     if source.device.type != "cpu":
         source = source.cpu()

@@ -15,7 +15,7 @@ from ..settings import forced_isa, resolve_threads
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT4 = {QuantType.NF4: 0, QuantType.FP4: 1}
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "neon": 4}
 _STATUS_INPUT_ERRORS = (1, 2)  # QCKPT_E_INVALID, QCKPT_E_NONFINITE: the caller's data is at fault
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 
@@ -87,6 +88,77 @@ def _device_contiguous(tensor: torch.Tensor, device: torch.device, align: int = 
     if out.data_ptr() % align:
         out = out.clone()
     return out
+
+
+# ----- host -> device staging (the converter's path: weights read into pageable host memory) -----
+
+_PIN_MIN_BYTES = 1 << 20  # below this a plain copy costs less than the pinned round trip
+_staging: dict = {}  # torch.device -> _Staging
+_staging_lock = threading.Lock()
+
+
+class _Staging:
+    """A pinned host buffer reused for every H2D copy to one device, grown to the largest tensor seen.
+
+    A pageable tensor.to("cuda") is synchronous and goes through the driver's small bounce buffers; a copy
+    from pinned memory runs at PCIe speed as one DMA and, issued non_blocking on the current stream, is
+    ordered before the kernels launched after it. The event guards the buffer: the next fill waits until
+    the previous DMA has read it."""
+
+    def __init__(self):
+        self.buffer = None
+        self.event = None
+
+    def fill(self, src: torch.Tensor, device: torch.device) -> torch.Tensor:
+        nbytes = src.numel() * src.element_size()
+        if self.event is not None:
+            self.event.synchronize()
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = None  # drop the old one first: two large pinned buffers at once is wasteful
+            size = max(nbytes, 64 << 20)
+            self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        host = self.buffer[:nbytes].view(src.dtype).view(src.shape)
+        host.copy_(src)
+        out = torch.empty(src.shape, dtype=src.dtype, device=device)
+        out.copy_(host, non_blocking=True)
+        if self.event is None:
+            self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(device))
+        return out
+
+
+def _cuda_device(device) -> torch.device:
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        raise QuantizationInputError(f"expected a CUDA device, got {device}")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def to_device(tensor: torch.Tensor, device=None) -> torch.Tensor:
+    """`tensor` contiguous (16-byte aligned) on the CUDA `device`, asynchronously on its current stream.
+
+    A CPU tensor of >= 1 MiB goes through the reused pinned staging buffer (one host memcpy + a DMA at
+    PCIe speed, not a synchronous pageable copy); the caller's tensor is never modified. Kernels launched
+    on the current stream afterwards see the data; host code reading the result must synchronize."""
+    device = _cuda_device(device)
+    src = tensor.detach()
+    if src.device.type != "cpu" or src.numel() * src.element_size() < _PIN_MIN_BYTES:
+        return _device_contiguous(src, device)
+    src = src.contiguous()
+    with _on(device), _staging_lock:
+        staging = _staging.get(device)
+        if staging is None:
+            staging = _staging[device] = _Staging()
+        return staging.fill(src, device)
+
+
+def release_staging() -> None:
+    """Free the pinned staging buffers (e.g. after a conversion)."""
+    with _staging_lock:
+        for staging in _staging.values():
+            if staging.event is not None:
+                staging.event.synchronize()
+        _staging.clear()
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -188,16 +260,18 @@ def quantize_4bit(x: torch.Tensor, quant_type: QuantType, blocksize: int, *, dou
     return packed, absmax, codes, absmax2
 
 
-def quantize(tensor: torch.Tensor, quant_type: QuantType, blocksize: int, double_quant: bool, *, name: str = ""):
-    """QuantizedTensor of a CUDA tensor, computed on its device; the same bytes as the CPU library."""
+def quantize(tensor: torch.Tensor, quant_type: QuantType, blocksize: int, double_quant: bool, *,
+             device=None, name: str = ""):
+    """QuantizedTensor computed on the CUDA `device` (default: the tensor's own), left on that device;
+    the same bytes as the CPU library. A CPU tensor is staged through pinned memory (to_device)."""
+    device = _cuda_device(tensor.device if device is None and tensor.device.type == "cuda" else device)
     if not available():
         from . import quantize as dispatch_quantize
 
         qt = dispatch_quantize(tensor.cpu(), quant_type, blocksize, double_quant, device="cpu", name=name)
-        return qt.to(tensor.device)
-    device = tensor.device
+        return qt.to(device)
     with _on(device):
-        x = _device_contiguous(tensor, device)
+        x = to_device(tensor, device)
         workspace = new_workspace(device)
         if quant_type is QuantType.INT8:
             return _quantize_int8(x, tensor, workspace, name)

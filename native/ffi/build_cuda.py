@@ -7,6 +7,7 @@ context is the driver's primary context, which every runtime shares).
 
     python native/ffi/build_cuda.py          # build in place: converter/_native_cuda*.so
     python native/ffi/build_cuda.py --check  # compile the .cu files only (CI: catches build errors)
+    QCKPT_CUDA_ARCHES=90 python native/ffi/build_cuda.py  # fewer targets: a faster build for one known GPU
 
 `ffibuilder` is a callable for setup.py's cffi_modules (list it only when find_nvcc() finds nvcc).
 The cdef is read from native/cuda/qckpt_cuda.h itself, so the compiler checks Python's view of the ABI.
@@ -31,6 +32,12 @@ ARCHES = ("80", "86", "89", "90")
 # Byte-exact arithmetic: no contraction, IEEE division and square root, no flush to zero.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-fmad=false", "-prec-div=true", "-prec-sqrt=true", "-ftz=false",
               "-Xcompiler", "-fPIC", "-lineinfo"]
+
+
+def selected_arches() -> tuple:
+    """ARCHES, or the comma-separated list in QCKPT_CUDA_ARCHES (gpu_check.sh builds for the card it runs on)."""
+    chosen = tuple(a.strip() for a in os.environ.get("QCKPT_CUDA_ARCHES", "").split(",") if a.strip())
+    return chosen or ARCHES
 
 
 def gencode_flags(arches=ARCHES) -> list[str]:
@@ -98,7 +105,7 @@ def make_builder(nvcc: str):
         "converter._native_cuda",
         '#include "qckpt_cuda.h"',
         include_dirs=[str(NATIVE / "include"), str(CUDA_SRC)],
-        extra_objects=compile_objects(nvcc),
+        extra_objects=compile_objects(nvcc, arches=selected_arches()),
         library_dirs=[lib_dir],
         libraries=["cudart_static", "rt", "pthread", "dl", "stdc++"],
     )

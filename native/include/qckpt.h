@@ -34,7 +34,8 @@ typedef enum {
     QCKPT_ISA_AUTO = 0,   /* the best variant this CPU supports */
     QCKPT_ISA_SCALAR = 1, /* portable C: the reference the SIMD variants must equal byte for byte */
     QCKPT_ISA_AVX2 = 2,   /* AVX2 + F16C */
-    QCKPT_ISA_AVX512 = 3  /* AVX-512 F + BW */
+    QCKPT_ISA_AVX512 = 3, /* AVX-512 F + BW */
+    QCKPT_ISA_NEON = 4    /* AArch64 Advanced SIMD (always present there) */
 } qckpt_isa;
 
 /* How a call runs: worker count (>= 1) and ISA variant. Passed by every kernel entry point. */

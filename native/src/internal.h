@@ -140,5 +140,10 @@ void qk_q4_dequantize_avx2(const qk_q4_args *a, int64_t b0, int64_t b1);
 int64_t qk_q4_quantize_avx512(const qk_q4_args *a, int64_t b0, int64_t b1);
 void qk_q4_dequantize_avx512(const qk_q4_args *a, int64_t b0, int64_t b1);
 #endif
+#if defined(__aarch64__)
+#define QCKPT_HAVE_NEON 1
+int64_t qk_q4_quantize_neon(const qk_q4_args *a, int64_t b0, int64_t b1);
+void qk_q4_dequantize_neon(const qk_q4_args *a, int64_t b0, int64_t b1);
+#endif
 
 #endif /* QCKPT_INTERNAL_H */

@@ -107,6 +107,15 @@ void qk_adam8_scalar(const qk_adam_args *a, int64_t b0, int64_t b1) {
     }
 }
 
+#ifdef QCKPT_HAVE_X86
+/* Within the AVX-512 variant, VBMI map lookups where the CPU has them. QCKPT_OPTIM_NO_VBMI (any value)
+ * turns them off so the tests can compare the gather path too on a VBMI machine; read per call. */
+static int use_vbmi(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") && getenv("QCKPT_OPTIM_NO_VBMI") == NULL;
+}
+#endif
+
 typedef struct {
     const qk_adam_args *args;
     void (*blocks)(const qk_adam_args *a, int64_t b0, int64_t b1);
@@ -161,7 +170,7 @@ qckpt_status qckpt_adamw8bit_step(void *param, int32_t param_dtype, const void *
         a->use_lut = n >= QK_LUT_MIN_ELEMENTS && qk_build_code_lut(a->m_thr, a->m_lut) && qk_build_code_lut(a->v_thr, a->v_lut);
         adam_job job = {.args = a, .blocks = qk_adam8_scalar};
 #ifdef QCKPT_HAVE_X86
-        if (isa == QCKPT_ISA_AVX512) job.blocks = qk_adam8_avx512;
+        if (isa == QCKPT_ISA_AVX512) job.blocks = use_vbmi() ? qk_adam8_avx512_vbmi : qk_adam8_avx512;
         else if (isa == QCKPT_ISA_AVX2) job.blocks = qk_adam8_avx2;
 #endif
         /* >= 16K elements per worker: below that a thread start (~20 us) outweighs the work. */

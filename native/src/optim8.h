@@ -43,6 +43,8 @@ void qk_adam8_scalar(const qk_adam_args *a, int64_t b0, int64_t b1);
 #ifdef QCKPT_HAVE_X86
 void qk_adam8_avx2(const qk_adam_args *a, int64_t b0, int64_t b1);
 void qk_adam8_avx512(const qk_adam_args *a, int64_t b0, int64_t b1);
+/* The AVX-512 variant with the map lookups done by VBMI byte permutes (CPUs with avx512vbmi). */
+void qk_adam8_avx512_vbmi(const qk_adam_args *a, int64_t b0, int64_t b1);
 #endif
 
 /* IEEE float32 square root without libm's errno path (which would need -lm for sqrtf). */

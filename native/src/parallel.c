@@ -59,6 +59,9 @@ int32_t qckpt_best_isa(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
         return QCKPT_ISA_AVX2;
 #endif
+#ifdef QCKPT_HAVE_NEON
+    return QCKPT_ISA_NEON; /* mandatory on AArch64: no run-time check needed */
+#endif
     return QCKPT_ISA_SCALAR;
 }
 
@@ -73,7 +76,13 @@ qckpt_status qckpt_resolve_exec(const qckpt_exec *exec, int32_t *threads, int32_
     case QCKPT_ISA_SCALAR: *isa = QCKPT_ISA_SCALAR; return QCKPT_OK;
     case QCKPT_ISA_AVX2:
     case QCKPT_ISA_AVX512:
-        if (exec->isa > best || best == QCKPT_ISA_SCALAR)
+        /* x86 variants are ordered: AVX-512 hardware runs AVX2 too, never the reverse. */
+        if ((best != QCKPT_ISA_AVX2 && best != QCKPT_ISA_AVX512) || exec->isa > best)
+            return qckpt_fail(QCKPT_E_UNSUPPORTED, "ISA variant %d is not supported by this CPU", exec->isa);
+        *isa = exec->isa;
+        return QCKPT_OK;
+    case QCKPT_ISA_NEON:
+        if (best != QCKPT_ISA_NEON)
             return qckpt_fail(QCKPT_E_UNSUPPORTED, "ISA variant %d is not supported by this CPU", exec->isa);
         *isa = exec->isa;
         return QCKPT_OK;

@@ -96,6 +96,11 @@ static void pick_variant(int32_t isa, q4_job *job) {
         job->quantize = qk_q4_quantize_avx2;
         job->dequantize = qk_q4_dequantize_avx2;
     }
+#elif defined(QCKPT_HAVE_NEON)
+    if (isa == QCKPT_ISA_NEON) {
+        job->quantize = qk_q4_quantize_neon;
+        job->dequantize = qk_q4_dequantize_neon;
+    }
 #else
     (void)isa;
 #endif
