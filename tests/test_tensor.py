@@ -205,3 +205,11 @@ def test_package_import_is_lazy():
     assert converter.quantize is quantize and converter.QuantizedTensor is QuantizedTensor
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         converter.nope  # noqa: B018
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "meta", "no-such-device"])
+def test_unavailable_or_unknown_device_is_an_input_error(device):
+    """Asking for CUDA without a GPU, or for a device we cannot run on, is one clear QuantizationInputError."""
+    with pytest.raises(QuantizationInputError, match="device"):
+        quantize(torch.randn(64, 64), device=device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import QuantizationInputError
 from ..formats import codebooks as cb
 from ..formats.codebooks import QuantType
 from ..tensor import NestedAbsmax, QuantizedTensor
@@ -13,7 +14,15 @@ from . import cpu
 
 
 def _target_device(tensor: torch.Tensor, device) -> torch.device:
-    return tensor.device if device is None else torch.device(device)
+    try:
+        target = tensor.device if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise QuantizationInputError(f"invalid device {device!r} ({exc})") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise QuantizationInputError("device 'cuda' was requested but no CUDA device is available")
+    if target.type not in ("cpu", "cuda"):
+        raise QuantizationInputError(f"unsupported device {str(target)!r} (expected cpu or cuda)")
+    return target
 
 
 def quantize(tensor, quant_type: QuantType, blocksize, double_quant, *, device=None, threads=None, name=""):
