@@ -144,8 +144,7 @@ def to_device(tensor: torch.Tensor, device=None) -> torch.Tensor:
     src = tensor.detach()
     if src.device.type != "cpu" or src.numel() * src.element_size() < _PIN_MIN_BYTES:
         return _device_contiguous(src, device)
-    src = src.contiguous()
-    with _on(device), _staging_lock:
+    with _on(device), _staging_lock:  # (a strided view is gathered straight into the pinned buffer)
         staging = _staging.get(device)
         if staging is None:
             staging = _staging[device] = _Staging()
@@ -178,9 +177,16 @@ def _dynamic_map() -> tuple:
     return cb.dynamic_map_signed()  # a constant, built with a Python loop: computed once
 
 
-def nested_code(device) -> torch.Tensor:
-    """The signed dynamic map of double quantization, on `device`."""
+@functools.cache
+def _nested_code_master(device: torch.device) -> torch.Tensor:
     return torch.tensor(_dynamic_map(), dtype=torch.float32).to(device)
+
+
+def nested_code(device) -> torch.Tensor:
+    """The signed dynamic map of double quantization, on `device`: a fresh tensor each call (it ends up
+    in a QuantizedTensor), cloned on the device from a cached copy -- building it on the host meant a
+    synchronous H2D copy in every quantize call."""
+    return _nested_code_master(torch.device(device)).clone()
 
 
 def finish(workspace: torch.Tensor, source: torch.Tensor | None = None, name: str = "", *, cols: int = 0) -> float:

@@ -36,10 +36,14 @@ __host__ __device__ inline int lowbit32(uint32_t v) {
 }
 
 /* nonzero: 8 words marking the nonzero bins (the kernel finds them with ballots; one thread walking
- * all 256 bins cost microseconds), or NULL to scan. */
+ * all 256 bins cost microseconds), or NULL to scan. limb_store: kLimbs words of scratch (the kernel passes
+ * shared memory), or NULL for a local array. Why: a local array indexed by the runtime exponent cannot
+ * live in registers, and ptxas turned every such access into a select chain over all kLimbs registers
+ * (2.7k PTX lines executed by one thread); through a pointer each access is one load or store. */
 __host__ __device__ inline float mean_from_bins(const unsigned long long *bins, unsigned long long count,
-                                                const uint32_t *nonzero = nullptr) {
-    uint32_t limb[kLimbs];
+                                                const uint32_t *nonzero = nullptr, uint32_t *limb_store = nullptr) {
+    uint32_t own[kLimbs];
+    uint32_t *limb = limb_store ? limb_store : own;
     for (int i = 0; i < kLimbs; i++) limb[i] = 0;
     int top = -1;
     for (int w = 0; w < 8; w++) {
@@ -149,12 +153,13 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
     __syncthreads();
     if (threadIdx.x < 32) {
         __shared__ uint32_t nonzero[8];
+        __shared__ uint32_t limbs[kLimbs];
         for (int w = 0; w < 8; w++) {
             const uint32_t marks = __ballot_sync(kFullMask, bins[w * 32 + threadIdx.x] != 0);
             if (threadIdx.x == 0) nonzero[w] = marks;
         }
         if (threadIdx.x == 0) {
-            ws[kWsMean] = __float_as_uint(mean_from_bins(bins, (unsigned long long)n, nonzero));
+            ws[kWsMean] = __float_as_uint(mean_from_bins(bins, (unsigned long long)n, nonzero, limbs));
             ws[kWsCounter] = 0;
         }
     }
