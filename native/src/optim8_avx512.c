@@ -1,8 +1,9 @@
 /* optim8_avx512.c -- AVX-512 (F+BW+VL) variant of the fused 8-bit AdamW step, 16 lanes. The same float32
  * operations in the same order as qk_adam8_scalar (optim8.c), so parameters and states come out
  * identical (tests/test_optim_kernel.py compares the variants). Dequantization gathers from the 256-entry
- * map (qk_adam8_avx512) or, on CPUs with AVX-512 VBMI, looks the codes up with byte permutes
- * (qk_adam8_avx512_vbmi, below); code selection uses the bucket table (optim8.h) when the call built one, else the scalar's
+ * map (qk_adam8_avx512) or, on CPUs with AVX-512 VBMI, looks the codes up with byte permutes and overlaps
+ * one block's code selection with the next block's update (qk_adam8_avx512_vbmi, below); code selection
+ * uses the bucket table (optim8.h) when the call built one, else the scalar's
  * branchless binary search with its 8 levels unrolled into per-level tables (level with step s probes
  * t[j*2s + s-1], j = idx / 2s) so every probe is a register permute. */
 #include "optim8.h"
