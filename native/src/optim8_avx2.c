@@ -8,34 +8,7 @@
 #pragma GCC target("avx2,f16c")
 #include <immintrin.h>
 
-static inline __m256 load8(const void *x, int32_t dtype, int64_t i) {
-    switch (dtype) {
-    case QCKPT_F32: return _mm256_loadu_ps((const float *)x + i);
-    case QCKPT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
-    default: {
-        __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-    }
-    }
-}
-
-static inline void store8(void *out, int32_t dtype, int64_t i, __m256 v) {
-    switch (dtype) {
-    case QCKPT_F32: _mm256_storeu_ps((float *)out + i, v); break;
-    case QCKPT_F16:
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        break;
-    default: {
-        __m256i bits = _mm256_castps_si256(v);
-        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
-        r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8); /* 8 x u16 in the low 128 bits */
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(r));
-    }
-    }
-}
+#include "simd_avx2.h"
 
 static inline void store_codes8(uint8_t *dst, __m256i c) {
     __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(c, c), _mm256_setzero_si256());
@@ -118,13 +91,13 @@ void qk_adam8_avx2(const qk_adam_args *a, int64_t b0, int64_t b1) {
             __m256i vc = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(a->v_codes + k)));
             __m256 m0 = _mm256_mul_ps(_mm256_i32gather_ps(a->m_map, mc, 4), amv);
             __m256 v0 = _mm256_mul_ps(_mm256_i32gather_ps(a->v_map, vc, 4), avv);
-            __m256 g = _mm256_xor_ps(load8(a->grad, a->grad_dtype, k), sign_flip);
+            __m256 g = _mm256_xor_ps(qk_load8(a->grad, a->grad_dtype, k), sign_flip);
             __m256 m = _mm256_add_ps(_mm256_mul_ps(m0, beta1), _mm256_mul_ps(g, omb1));
             __m256 v = _mm256_add_ps(_mm256_mul_ps(v0, beta2), _mm256_mul_ps(_mm256_mul_ps(g, g), omb2));
             __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), bc2), eps);
-            __m256 p = _mm256_mul_ps(load8(a->param, a->param_dtype, k), decay);
+            __m256 p = _mm256_mul_ps(qk_load8(a->param, a->param_dtype, k), decay);
             p = _mm256_sub_ps(p, _mm256_mul_ps(step, _mm256_div_ps(m, denom)));
-            store8(a->param, a->param_dtype, k, p);
+            qk_store8(a->param, a->param_dtype, k, p);
             _mm256_storeu_ps(mbuf + i, m);
             _mm256_storeu_ps(vbuf + i, v);
         }

@@ -12,6 +12,8 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 #include <immintrin.h>
 
+#include "simd_avx512.h"
+
 typedef struct {
     __m512 l128, l64, l32, l16, l8; /* steps 128..8: 1, 2, 4, 8, 16 entries (one register each) */
     __m512 l4[2], l2[4], l1[8];     /* steps 4, 2, 1: 32, 64, 128 entries */
@@ -84,49 +86,6 @@ static inline __m512i codes16_lut(__m512 x, const uint32_t *lut) {
     return _mm512_maskz_mov_epi32((__mmask16)~nan, code);
 }
 
-static inline __m512 load16(const void *x, int32_t dtype, int64_t i, __mmask16 k) {
-    /* Plain loads for whole groups: masked loads measured markedly slower on streaming data here. */
-    if (k == 0xFFFF) {
-        switch (dtype) {
-        case QCKPT_F32: return _mm512_loadu_ps((const float *)x + i);
-        case QCKPT_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)));
-        default: {
-            __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-            return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        }
-        }
-    }
-    switch (dtype) {
-    case QCKPT_F32: return _mm512_maskz_loadu_ps(k, (const float *)x + i);
-    case QCKPT_F16: return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)x + i));
-    default: {
-        __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)x + i);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    }
-}
-
-/* Round to nearest even, as qk_store does (bf16 NaN -> 0x7FC0; f16 by vcvtps2ph, which qk_f32_to_f16 mirrors). */
-static inline void store16(void *out, int32_t dtype, int64_t i, __m512 v, __mmask16 k) {
-    switch (dtype) {
-    case QCKPT_F32:
-        if (k == 0xFFFF) _mm512_storeu_ps((float *)out + i, v);
-        else _mm512_mask_storeu_ps((float *)out + i, k, v);
-        break;
-    case QCKPT_F16:
-        _mm256_mask_storeu_epi16((uint16_t *)out + i, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        break;
-    default: {
-        __m512i bits = _mm512_castps_si512(v);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-        _mm256_mask_storeu_epi16((uint16_t *)out + i, k, _mm512_cvtepi32_epi16(rounded));
-    }
-    }
-}
-
 static inline __mmask16 lanes(int64_t remaining) {
     return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
 }
@@ -175,13 +134,13 @@ static void load_consts(const qckpt_adamw_hparams *hp, adam_consts *c) {
 static inline void update16(const qk_adam_args *a, const adam_consts *c, int64_t k, __mmask16 mask, __m512 m0,
                             __m512 v0, __m512 *m_out, __m512 *v_out) {
     __m512 g = _mm512_castsi512_ps(
-        _mm512_xor_si512(_mm512_castps_si512(load16(a->grad, a->grad_dtype, k, mask)), c->sign_flip));
+        _mm512_xor_si512(_mm512_castps_si512(qk_load16(a->grad, a->grad_dtype, k, mask)), c->sign_flip));
     __m512 m = _mm512_add_ps(_mm512_mul_ps(m0, c->beta1), _mm512_mul_ps(g, c->omb1));
     __m512 v = _mm512_add_ps(_mm512_mul_ps(v0, c->beta2), _mm512_mul_ps(_mm512_mul_ps(g, g), c->omb2));
     __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), c->bc2), c->eps);
-    __m512 p = _mm512_mul_ps(load16(a->param, a->param_dtype, k, mask), c->decay);
+    __m512 p = _mm512_mul_ps(qk_load16(a->param, a->param_dtype, k, mask), c->decay);
     p = _mm512_sub_ps(p, _mm512_mul_ps(c->step, _mm512_div_ps(m, denom)));
-    store16(a->param, a->param_dtype, k, p, mask);
+    qk_store16(a->param, a->param_dtype, k, p, mask);
     *m_out = m;
     *v_out = v;
 }

@@ -7,16 +7,7 @@
 #pragma GCC target("avx2,f16c,fma")
 #include <immintrin.h>
 
-static inline __m256 load8(const void *x, int32_t dtype, int64_t i) {
-    switch (dtype) {
-    case QCKPT_F32: return _mm256_loadu_ps((const float *)x + i);
-    case QCKPT_F16: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
-    default: {
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    }
-}
+#include "simd_avx2.h"
 
 /* Compare masks are all-ones (-1) per true lane: subtracting them counts. */
 static inline __m256i count_gt(__m256 v, const float *t, int count) {
@@ -56,7 +47,7 @@ int64_t qk_q4_quantize_avx2(const qk_q4_args *a, int64_t b0, int64_t b1) {
         __m256i max_bits = _mm256_setzero_si256();
         for (int64_t i = 0; i < bs; i += 8)
             max_bits = _mm256_max_epu32(max_bits,
-                                        _mm256_and_si256(_mm256_castps_si256(load8(a->x, a->dtype, start + i)), abs_mask));
+                                        _mm256_and_si256(_mm256_castps_si256(qk_load8(a->x, a->dtype, start + i)), abs_mask));
         uint32_t lanes[8], mb = 0;
         _mm256_storeu_si256((__m256i *)lanes, max_bits);
         for (int j = 0; j < 8; j++) mb = lanes[j] > mb ? lanes[j] : mb;
@@ -65,30 +56,11 @@ int64_t qk_q4_quantize_avx2(const qk_q4_args *a, int64_t b0, int64_t b1) {
         a->absmax[b] = amax;
         const __m256 r = _mm256_set1_ps(1.0f / amax);
         for (int64_t i = 0; i < bs; i += 8)
-            pack_store(codes8(_mm256_mul_ps(load8(a->x, a->dtype, start + i), r), nf4, bucket_code),
+            pack_store(codes8(_mm256_mul_ps(qk_load8(a->x, a->dtype, start + i), r), nf4, bucket_code),
                        a->packed + (start + i) / 2);
     }
     if (b < b1) return qk_q4_quantize_scalar(a, b, b1);
     return -1;
-}
-
-static inline void store8(void *out, int32_t dtype, int64_t i, __m256 v) {
-    switch (dtype) {
-    case QCKPT_F32: _mm256_storeu_ps((float *)out + i, v); break;
-    case QCKPT_F16:
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        break;
-    default: {
-        __m256i bits = _mm256_castps_si256(v);
-        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-        __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-        /* pack 8 dwords (each < 65536) to 8 words, fixing the lane interleave of packus */
-        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded, rounded), 0x08);
-        _mm_storeu_si128((__m128i *)((uint16_t *)out + i), _mm256_castsi256_si128(packed));
-    }
-    }
 }
 
 void qk_q4_dequantize_avx2(const qk_q4_args *a, int64_t b0, int64_t b1) {
@@ -108,7 +80,7 @@ void qk_q4_dequantize_avx2(const qk_q4_args *a, int64_t b0, int64_t b1) {
             /* 16-entry lookup from two 8-entry permutes, chosen by bit 3 of the code */
             __m256 lo = _mm256_permutevar8x32_ps(lut_lo, codes), hi = _mm256_permutevar8x32_ps(lut_hi, codes);
             __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));
-            store8(a->out, a->out_dtype, start + i, _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), amax));
+            qk_store8(a->out, a->out_dtype, start + i, _mm256_mul_ps(_mm256_blendv_ps(lo, hi, sel), amax));
         }
     }
     if (b < b1) qk_q4_dequantize_scalar(a, b, b1);

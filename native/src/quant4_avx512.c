@@ -8,16 +8,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 #include <immintrin.h>
 
-static inline __m512 load16(const void *x, int32_t dtype, int64_t i) {
-    switch (dtype) {
-    case QCKPT_F32: return _mm512_loadu_ps((const float *)x + i);
-    case QCKPT_F16: return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)));
-    default: {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    }
-}
+#include "simd_avx512.h"
 
 /* Number of entries of the sorted table t (padded to 16 with +inf) strictly below xn; steps
  * 8,4,2,1 cover 15 thresholds, 4,2,1 cover 7. NaN compares false throughout and gives 0. */
@@ -72,34 +63,17 @@ int64_t qk_q4_quantize_avx512(const qk_q4_args *a, int64_t b0, int64_t b1) {
         __m512i max_bits = _mm512_setzero_si512();
         for (int64_t i = 0; i < bs; i += 16)
             max_bits = _mm512_max_epu32(max_bits,
-                                        _mm512_and_si512(_mm512_castps_si512(load16(a->x, a->dtype, start + i)), abs_mask));
+                                        _mm512_and_si512(_mm512_castps_si512(qk_load16(a->x, a->dtype, start + i, 0xFFFF)), abs_mask));
         uint32_t mb = (uint32_t)_mm512_reduce_max_epu32(max_bits);
         if (mb >= 0x7F800000u) return b;
         float amax = qk_bits_to_f32(mb);
         a->absmax[b] = amax;
         const __m512 r = _mm512_set1_ps(1.0f / amax);
         for (int64_t i = 0; i < bs; i += 16)
-            pack_store(codes16(_mm512_mul_ps(load16(a->x, a->dtype, start + i), r), &t), a->packed + (start + i) / 2);
+            pack_store(codes16(_mm512_mul_ps(qk_load16(a->x, a->dtype, start + i, 0xFFFF), r), &t), a->packed + (start + i) / 2);
     }
     if (b < b1) return qk_q4_quantize_scalar(a, b, b1); /* the partial last block */
     return -1;
-}
-
-static inline void store16(void *out, int32_t dtype, int64_t i, __m512 v) {
-    switch (dtype) {
-    case QCKPT_F32: _mm512_storeu_ps((float *)out + i, v); break;
-    case QCKPT_F16:
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        break;
-    default: {
-        __m512i bits = _mm512_castps_si512(v);
-        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-        __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-        _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), _mm512_cvtepi32_epi16(rounded));
-    }
-    }
 }
 
 void qk_q4_dequantize_avx512(const qk_q4_args *a, int64_t b0, int64_t b1) {
@@ -114,7 +88,7 @@ void qk_q4_dequantize_avx512(const qk_q4_args *a, int64_t b0, int64_t b1) {
             __m512i bytes = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(a->packed_in + (start + i) / 2)));
             __m512i codes = _mm512_or_si512(_mm512_srli_epi64(bytes, 4),
                                             _mm512_slli_epi64(_mm512_and_si512(bytes, _mm512_set1_epi64(0x0F)), 32));
-            store16(a->out, a->out_dtype, start + i, _mm512_mul_ps(_mm512_permutexvar_ps(codes, lut), amax));
+            qk_store16(a->out, a->out_dtype, start + i, _mm512_mul_ps(_mm512_permutexvar_ps(codes, lut), amax), 0xFFFF);
         }
     }
     if (b < b1) qk_q4_dequantize_scalar(a, b, b1);
