@@ -1,4 +1,7 @@
-"""The only reader of QCKPT_* environment variables; read at call time, never cached."""
+"""The only Python reader of QCKPT_* environment variables; read at call time, never cached.
+
+One test-only switch is read by C instead: QCKPT_OPTIM_NO_VBMI makes the AVX-512 AdamW8bit kernel use
+its gather path on a VBMI CPU, so the tests can compare both paths (native/src/optim8.c)."""
 import os
 
 from .errors import QuantizationInputError
