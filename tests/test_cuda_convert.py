@@ -31,8 +31,8 @@ def test_convert_cuda_same_bytes_as_cpu(tmp_path, seed, options):
     """A small Llama (MLP weights of 1 MiB take the pinned staging path; several output shards) converts
     to byte-identical files on CPU and GPU."""
     src = tiny_llama(tmp_path / "src", seed=seed, hidden=512)
-    cpu = _files(_convert(src, tmp_path / "cpu", "cpu", "--max-shard-size", "3MB", *options))
-    gpu = _files(_convert(src, tmp_path / "gpu", "cuda", "--max-shard-size", "3MB", *options))
+    cpu = _files(_convert(src, tmp_path / "cpu", "cpu", "--max-shard-size", "1MB", *options))
+    gpu = _files(_convert(src, tmp_path / "gpu", "cuda", "--max-shard-size", "1MB", *options))
     assert len([n for n in cpu if n.endswith(".safetensors")]) > 1
     assert cpu.keys() == gpu.keys()
     assert [n for n in cpu if cpu[n] != gpu[n]] == []
