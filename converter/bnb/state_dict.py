@@ -10,7 +10,6 @@ import math
 import torch
 
 from ..errors import StateDictError
-from ..formats import codebooks as cb
 from ..formats.codebooks import QuantType
 from ..tensor import NestedAbsmax, QuantizedTensor
 

@@ -9,14 +9,14 @@ import functools
 
 import torch
 
-from ..errors import NativeError, NativeUnavailableError, QuantizationInputError
+from ..errors import NativeUnavailableError, QuantizationInputError
+from .status import raise_for_status
 from ..formats.codebooks import QuantType
 from ..settings import forced_isa, resolve_threads
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT4 = {QuantType.NF4: 0, QuantType.FP4: 1}
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "neon": 4}
-_STATUS_INPUT_ERRORS = (1, 2)  # QCKPT_E_INVALID, QCKPT_E_NONFINITE: the caller's data is at fault
 
 
 @functools.cache
@@ -53,11 +53,7 @@ def _check(status: int, name: str = "") -> None:
     if status == 0:
         return
     ffi, lib = load()
-    message = ffi.string(lib.qckpt_last_error()).decode("utf-8", "replace")
-    where = f"{name}: " if name else ""
-    if status in _STATUS_INPUT_ERRORS:
-        raise QuantizationInputError(where + message)
-    raise NativeError(f"{where}{message} (status {status})")
+    raise_for_status(status, ffi.string(lib.qckpt_last_error()).decode("utf-8", "replace"), name)
 
 
 def _ptr(tensor: torch.Tensor, ctype: str):

@@ -19,14 +19,14 @@ import threading
 
 import torch
 
-from ..errors import NativeError, NativeUnavailableError, QuantizationInputError
+from ..errors import NativeUnavailableError, QuantizationInputError
+from .status import raise_for_status
 from ..formats import codebooks as cb
 from ..formats.codebooks import QuantType
 from ..tensor import NestedAbsmax, QuantizedTensor
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT4 = {QuantType.NF4: 0, QuantType.FP4: 1}
-_E_INPUT = (1, 2)  # QCKPT_E_INVALID, QCKPT_E_NONFINITE: the caller's data is at fault
 _E_NONFINITE = 2
 FUSED_MAX_ROWS = 16  # the fused kernel's batch limit (qckpt_cuda_gemm_4bit)
 
@@ -59,11 +59,7 @@ def _check(status: int, name: str = "") -> None:
     if status == 0:
         return
     ffi, lib = load()
-    message = ffi.string(lib.qckpt_cuda_last_error()).decode("utf-8", "replace")
-    where = f"{name}: " if name else ""
-    if status in _E_INPUT:
-        raise QuantizationInputError(where + message)
-    raise NativeError(f"{where}{message} (status {status})")
+    raise_for_status(status, ffi.string(lib.qckpt_cuda_last_error()).decode("utf-8", "replace"), name)
 
 
 def _ptr(tensor: torch.Tensor | None, ctype: str = "void *"):
