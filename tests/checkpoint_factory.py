@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from converter.shards import sha256_file
 
-STORIES = "/work/shared/data/stories260K"
+from shared_data import STORIES  # noqa: F401 - re-exported to the tests
 HIDDEN, INTER, VOCAB, LAYERS = 48, 80, 70, 2
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

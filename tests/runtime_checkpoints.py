@@ -18,8 +18,7 @@ from torch import nn
 import converter
 from converter.bnb import quantization_config
 
-STORIES = "/work/shared/data/stories260K"
-TINYSTORIES = "/work/shared/data/tinystories_val.txt"
+from shared_data import STORIES, TINYSTORIES
 
 
 def tiny_llama(seed: int, *, hidden=72, inter=120, layers=2, heads=4, kv_heads=2, vocab=97, tied=False,

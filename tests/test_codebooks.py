@@ -1,5 +1,4 @@
 """The code tables and thresholds of converter.formats.codebooks against FORMAT.md and ../shared."""
-import pathlib
 import struct
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from converter.formats import codebooks as cb
 from converter.formats.codebooks import QuantType
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+from shared_data import SHARED
 
 
 def bits(x: float) -> int:

@@ -9,7 +9,7 @@ from converter.errors import OptimizerError
 from converter.optim import AdamW8bit, PagedAdamW8bit, maps, state_nbytes
 from converter.optim import reference as ref
 
-DATA = "/work/shared/data"
+from shared_data import DATA
 
 
 def _params(gen, dtype=torch.float32):
