@@ -50,3 +50,13 @@ def _awkward_weight(shape, dtype, blocksize, gen, zero_block=True):
 def awkward():
     """Factory: awkward(shape, dtype, blocksize, gen, zero_block=True) -> tensor (see _awkward_weight)."""
     return _awkward_weight
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run on one torch thread, restored after: for tiny models it is as fast, and it avoids spinning
+    OpenMP workers on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

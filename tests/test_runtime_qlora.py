@@ -14,12 +14,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The model is tiny: one torch thread is as fast, and avoids spinning OpenMP workers on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models: run this module on one torch thread (see conftest.one_torch_thread)."""
 
 
 def _digest(model):
