@@ -18,7 +18,7 @@ from torch import nn
 import converter
 from converter.bnb import quantization_config
 
-from shared_data import STORIES, TINYSTORIES
+from shared_data import STORIES, TINYSTORIES  # noqa: F401 - re-exported to the tests
 
 
 def tiny_llama(seed: int, *, hidden=72, inter=120, layers=2, heads=4, kv_heads=2, vocab=97, tied=False,
@@ -186,18 +186,3 @@ class _DequantLinear(nn.Module):
 
     def forward(self, x):
         return nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
-
-
-def story_token_windows(tokenizer, n_stories=None, window=512, bos=1, max_chars=None):
-    """tinystories_val.txt as the eval script reads it: stories split on blank lines, each BOS + tokens,
-    concatenated and cut into `window`-token pieces (the last partial one kept)."""
-    with open(TINYSTORIES, encoding="utf-8") as f:
-        text = f.read(max_chars) if max_chars else f.read()
-    stories = [s.strip() for s in text.split("\n\n") if s.strip()]
-    if n_stories:
-        stories = stories[:n_stories]
-    ids = []
-    for story in stories:
-        ids.append(bos)
-        ids.extend(tokenizer.encode(story, add_special_tokens=False))
-    return [torch.tensor(ids[i:i + window]) for i in range(0, len(ids), window)]

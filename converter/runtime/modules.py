@@ -64,6 +64,16 @@ class _QuantizedLinear(nn.Linear):
                 self._buffers[name] = buf
         return self
 
+    @classmethod
+    def _build(cls, qt: QuantizedTensor, bias, compute_dtype, kwargs) -> "_QuantizedLinear":
+        """A module of qt's shape holding qt, with `bias` (if any) frozen in the compute dtype."""
+        n_out, k = qt.shape
+        module = cls(k, n_out, bias is not None, compute_dtype=compute_dtype, device=qt.device, **kwargs)
+        module.set_quantized(qt)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().to(module.compute_dtype).clone(), requires_grad=False)
+        return module
+
     @property
     def is_loaded(self) -> bool:
         return self.weight is not None and self.weight.device.type != "meta"
@@ -154,12 +164,7 @@ class Linear4bit(_QuantizedLinear):
         """A module around an existing QuantizedTensor (compute dtype defaults to its source dtype)."""
         if not qt.quant_type.is_4bit:
             raise ValueError(f"Linear4bit needs an nf4/fp4 weight, got {qt.quant_type.value}")
-        n_out, k = qt.shape
-        module = cls(k, n_out, bias is not None, compute_dtype=compute_dtype or qt.dtype, device=qt.device, **kwargs)
-        module.set_quantized(qt)
-        if bias is not None:
-            module.bias = nn.Parameter(bias.detach().to(module.compute_dtype).clone(), requires_grad=False)
-        return module
+        return cls._build(qt, bias, compute_dtype or qt.dtype, kwargs)
 
     @staticmethod
     def _owns(suffix: str) -> bool:
@@ -226,12 +231,7 @@ class Linear8bit(_QuantizedLinear):
                        **kwargs):
         if qt.quant_type is not QuantType.INT8:
             raise ValueError(f"Linear8bit needs an int8 weight, got {qt.quant_type.value}")
-        n_out, k = qt.shape
-        module = cls(k, n_out, bias is not None, compute_dtype=compute_dtype, device=qt.device, **kwargs)
-        module.set_quantized(qt)
-        if bias is not None:
-            module.bias = nn.Parameter(bias.detach().to(module.compute_dtype).clone(), requires_grad=False)
-        return module
+        return cls._build(qt, bias, compute_dtype, kwargs)
 
     @staticmethod
     def _owns(suffix: str) -> bool:
