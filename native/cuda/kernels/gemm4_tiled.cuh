@@ -1,0 +1,270 @@
+/* gemm4_tiled.cuh -- fused 4-bit dequantize + matmul for more than 16 activation rows (prefill,
+ * training forwards), on the tensor cores with float32 accumulation:
+ *
+ *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out)
+ *
+ * Why not dequantize into a buffer + cuBLAS: that writes and re-reads 2 bytes per weight (4x the packed
+ * bytes) and launches twice; here each block reads its W tile once, 4 bits a weight, and dequantizes it
+ * in registers, so the cost is the mma work plus reading x from L2.
+ *
+ * Tiles: a block computes BN = WN*NT16*16 outputs x BM = WM*MT*8 batch rows over k-tiles of 64. x tiles
+ * stream into shared memory through a STAGES-deep cp.async ring (16-byte chunks, XOR-swizzled by row so
+ * that the 16-byte B-fragment loads of a quarter warp hit distinct banks). W never goes through shared
+ * memory: as in gemm4.cuh, logical k of the mma is remapped to physical k so that lane (g, t) owns the
+ * contiguous k range [16t, 16t + 16) of a k-tile for both operands -- 8 packed bytes per weight row, read
+ * straight from global memory two k-tiles ahead, and one 16-byte x load per batch tile for two k16 steps.
+ * A warp dequantizes its NT16 row tiles once per k-tile and reuses them for its MT batch tiles.
+ *
+ * Short grids split k: each split writes float32 partial sums, the last block of a tile to finish (a
+ * counter per tile) adds them in split order -- deterministic -- writes y and resets the counter, so the
+ * workspace's counters stay zero between calls. */
+#ifndef QCKPT_CUDA_GEMM4_TILED_CUH
+#define QCKPT_CUDA_GEMM4_TILED_CUH
+
+#include <algorithm>
+
+#include "gemm4.cuh"
+
+namespace qk {
+
+constexpr int kTiledBK = 64; /* k per tile: 4 mma k16 steps, 32 packed bytes per weight row */
+
+template <int WN_, int WM_, int NT16_, int MT_, int STAGES_>
+struct TiledShape {
+    static constexpr int WN = WN_, WM = WM_, NT16 = NT16_, MT = MT_, STAGES = STAGES_;
+    static constexpr int kWarps = WN * WM, kThreads = kWarps * 32;
+    static constexpr int BN = WN * NT16 * 16, BM = WM * MT * 8;
+    static constexpr int kStageBytes = BM * kTiledBK * 2;
+    static constexpr int kSmemBytes = STAGES * kStageBytes;
+};
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int src_bytes = valid ? 16 : 0; /* 0: no read, the 16 bytes are zero-filled */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+/* byte offset of 16-byte chunk c (0..7) of row r inside a stage */
+__device__ __forceinline__ int tiled_x_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+/* One lane's weights for one k-tile: rows g and g+8 of each of its NT16 row tiles. */
+template <int NT16>
+struct TiledWFrag {
+    uint2 w[NT16][2];
+    float scale[NT16][2];       /* absmax, or absmax2 when nested */
+    uint32_t code_index[NT16][2];
+};
+
+template <int NT16>
+__device__ __forceinline__ void tiled_load_w(TiledWFrag<NT16> &f, const uint8_t *__restrict__ packed,
+                                             const Scales &scales, int64_t n_out, int64_t k, int log2_bs,
+                                             int64_t row0, int64_t kt, int g, int t) {
+#pragma unroll
+    for (int i = 0; i < NT16; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int64_t n = row0 + i * 16 + h * 8 + g;
+            if (n < n_out) {
+                const int64_t flat = n * k + kt * kTiledBK + 16 * t; /* 16 elements inside one block (bs >= 32) */
+                const int64_t b = flat >> log2_bs;
+                f.w[i][h] = __ldg(reinterpret_cast<const uint2 *>(packed + (flat >> 1)));
+                if (scales.absmax) {
+                    f.scale[i][h] = __ldg(scales.absmax + b);
+                } else {
+                    f.scale[i][h] = __ldg(scales.absmax2 + (b >> scales.log2_bs2));
+                    f.code_index[i][h] = __ldg(scales.codes + b);
+                }
+            } else { /* past n_out: zero weights, results discarded */
+                f.w[i][h] = make_uint2(0, 0);
+                f.scale[i][h] = 0.0f;
+                f.code_index[i][h] = 0;
+            }
+        }
+}
+
+template <typename Shape>
+__device__ __forceinline__ void tiled_load_x(unsigned char *stage, const void *__restrict__ x, int batch, int64_t k,
+                                             int64_t m0, int64_t kt) {
+    const unsigned char *xb = static_cast<const unsigned char *>(x);
+    for (int idx = threadIdx.x; idx < Shape::BM * 8; idx += Shape::kThreads) {
+        const int r = idx >> 3, c = idx & 7;
+        const int64_t m = m0 + r;
+        const bool valid = m < batch;
+        const void *src = valid ? xb + (m * k + kt * kTiledBK + c * 8) * 2 : x;
+        cp_async16(stage + tiled_x_offset(r, c), src, valid);
+    }
+}
+
+template <typename T, typename Shape>
+__device__ __forceinline__ void tiled_compute(const unsigned char *stage, const TiledWFrag<Shape::NT16> &f,
+                                              const PairTable &tab, const Scales &scales, const float *code,
+                                              int wm, int g, int t, float (&acc)[Shape::NT16][Shape::MT][4]) {
+    constexpr int NT16 = Shape::NT16, MT = Shape::MT;
+    PairDequant<T> deq[NT16][2];
+#pragma unroll
+    for (int i = 0; i < NT16; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            /* the block scale exactly as block_scale(): two float32 roundings when nested */
+            const float s = scales.absmax ? f.scale[i][h]
+                                          : __fadd_rn(__fmul_rn(code[f.code_index[i][h]], f.scale[i][h]), scales.offset);
+            deq[i][h] = PairDequant<T>(s);
+        }
+#pragma unroll
+    for (int jj = 0; jj < 2; jj++) {
+        /* A fragments of k16 steps j = 2jj, 2jj + 1: bytes 2j, 2j + 1 of the lane's 8 per row */
+        uint32_t a[2][NT16][4];
+#pragma unroll
+        for (int j2 = 0; j2 < 2; j2++)
+#pragma unroll
+            for (int i = 0; i < NT16; i++)
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const uint32_t word = jj ? f.w[i][h].y : f.w[i][h].x;
+                    const int sh = j2 * 16;
+                    a[j2][i][h] = deq[i][h](tab, (word >> sh) & 0xFF);
+                    a[j2][i][2 + h] = deq[i][h](tab, (word >> (sh + 8)) & 0xFF);
+                }
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            const int r = (wm * MT + mt) * 8 + g;
+            const uint4 xb = *reinterpret_cast<const uint4 *>(stage + tiled_x_offset(r, 2 * t + jj));
+#pragma unroll
+            for (int i = 0; i < NT16; i++) {
+                mma16816<T>(acc[i][mt], a[0][i], xb.x, xb.y);
+                mma16816<T>(acc[i][mt], a[1][i], xb.z, xb.w);
+            }
+        }
+    }
+}
+
+/* grid: (n tiles, m tiles, splits). partials: splits * batch * n_out floats; counters: one per (n, m) tile,
+ * zero on entry and left zero. Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
+ * aligned base) and 8-byte aligned packed. */
+template <typename T, typename Shape, int MINB>
+__global__ void __launch_bounds__(Shape::kThreads, MINB)
+    gemm_4bit_tiled_kernel(const T *__restrict__ x, int batch, const uint8_t *__restrict__ packed, Scales scales,
+                           int64_t n_out, int64_t k, int log2_bs, int quant_type, T *__restrict__ y,
+                           float *__restrict__ partials, int *__restrict__ counters) {
+    extern __shared__ __align__(128) unsigned char smem_x[];
+    __shared__ PairTable tab;
+    __shared__ float code[256];
+    __shared__ int is_last;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
+        tab.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
+        tab.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
+        if (!scales.absmax) code[i] = scales.code[i];
+    }
+
+    constexpr int NT16 = Shape::NT16, MT = Shape::MT, STAGES = Shape::STAGES;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wn = warp % Shape::WN, wm = warp / Shape::WN;
+    const int64_t n_block = int64_t(blockIdx.x) * Shape::BN, m0 = int64_t(blockIdx.y) * Shape::BM;
+    const int64_t row0 = n_block + wn * NT16 * 16;
+    const int splits = gridDim.z, split = blockIdx.z;
+    const int64_t ktiles = k / kTiledBK;
+    const int64_t kt0 = ktiles * split / splits, nk = ktiles * (split + 1) / splits - kt0;
+
+    float acc[NT16][MT][4];
+#pragma unroll
+    for (int i = 0; i < NT16; i++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) acc[i][mt][q] = 0.0f;
+
+    /* pipeline: x tiles STAGES - 1 ahead in shared memory, weights two k-tiles ahead in registers */
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        if (s < nk) tiled_load_x<Shape>(smem_x + s * Shape::kStageBytes, x, batch, k, m0, kt0 + s);
+        cp_async_commit();
+    }
+    TiledWFrag<NT16> cur, nxt;
+    if (nk > 0) tiled_load_w<NT16>(cur, packed, scales, n_out, k, log2_bs, row0, kt0, g, t);
+    if (nk > 1) tiled_load_w<NT16>(nxt, packed, scales, n_out, k, log2_bs, row0, kt0 + 1, g, t);
+    __syncthreads(); /* the tables */
+    for (int64_t it = 0; it < nk; it++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads(); /* stage `it` landed for every thread; stage `it - 1` is free again */
+        if (it + STAGES - 1 < nk)
+            tiled_load_x<Shape>(smem_x + ((it + STAGES - 1) % STAGES) * Shape::kStageBytes, x, batch, k, m0,
+                                kt0 + it + STAGES - 1);
+        cp_async_commit();
+        TiledWFrag<NT16> far;
+        if (it + 2 < nk) tiled_load_w<NT16>(far, packed, scales, n_out, k, log2_bs, row0, kt0 + it + 2, g, t);
+        tiled_compute<T, Shape>(smem_x + (it % STAGES) * Shape::kStageBytes, cur, tab, scales, code, wm, g, t, acc);
+        cur = nxt;
+        nxt = far;
+    }
+    cp_async_wait<0>();
+
+    /* element (i, mt, q) of this lane: output row n, batch row m */
+#define QK_TILED_FOR_EACH(BODY)                                                                   \
+    _Pragma("unroll") for (int i = 0; i < NT16; i++)                                              \
+    _Pragma("unroll") for (int mt = 0; mt < MT; mt++)                                             \
+    _Pragma("unroll") for (int q = 0; q < 4; q++) {                                               \
+        const int64_t n = row0 + i * 16 + g + (q >= 2 ? 8 : 0);                                   \
+        const int64_t m = m0 + (wm * MT + mt) * 8 + 2 * t + (q & 1);                              \
+        if (n < n_out && m < batch) { BODY; }                                                     \
+    }
+    if (splits == 1) {
+        QK_TILED_FOR_EACH(y[m * n_out + n] = from_f32<T>(acc[i][mt][q]));
+        return;
+    }
+    float *own = partials + int64_t(split) * batch * n_out;
+    QK_TILED_FOR_EACH(__stcg(own + m * n_out + n, acc[i][mt][q]));
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    QK_TILED_FOR_EACH({
+        float sum = 0.0f;
+        for (int s = 0; s < splits; s++)
+            sum = __fadd_rn(sum, s == split ? acc[i][mt][q] : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
+        y[m * n_out + n] = from_f32<T>(sum);
+    });
+#undef QK_TILED_FOR_EACH
+    if (threadIdx.x == 0) counters[tile] = 0;
+}
+
+/* Splits of k for a grid of `tiles` output tiles: enough blocks to give every multiprocessor
+ * `blocks_per_sm` of them, each split keeping >= 8 k-tiles, at most 16. */
+inline int tiled_splits(int64_t tiles, int64_t ktiles, int sms, int blocks_per_sm) {
+    int64_t s = (int64_t(sms) * blocks_per_sm) / tiles;
+    s = std::min<int64_t>(s, ktiles / 8);
+    s = std::min<int64_t>(s, 16);
+    return int(std::max<int64_t>(s, 1));
+}
+
+/* Workspace bytes of a launch: float32 partials for every split, then one int counter per tile. */
+inline int64_t tiled_workspace_bytes(int64_t tiles, int splits, int batch, int64_t n_out) {
+    return splits > 1 ? int64_t(splits) * batch * n_out * 4 + tiles * 4 : 0;
+}
+
+/* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
+template <typename T, typename Shape, int MINB>
+cudaError_t launch_gemm_4bit_tiled(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
+                                   int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace,
+                                   cudaStream_t s) {
+    auto kernel = gemm_4bit_tiled_kernel<T, Shape, MINB>;
+    if (Shape::kSmemBytes > 48 * 1024) { /* the opt-in is per device; cheap next to the launch */
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+        if (err != cudaSuccess) return err;
+    }
+    const int64_t n_tiles = ceil_div(n_out, Shape::BN), m_tiles = ceil_div(batch, Shape::BM);
+    float *partials = static_cast<float *>(workspace);
+    int *counters = splits > 1 ? reinterpret_cast<int *>(partials + int64_t(splits) * batch * n_out) : nullptr;
+    kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), Shape::kThreads, Shape::kSmemBytes, s>>>(
+        x, batch, packed, sc, n_out, k, log2_bs, qt, y, partials, counters);
+    return cudaGetLastError();
+}
+
+}  // namespace qk
+
+#endif /* QCKPT_CUDA_GEMM4_TILED_CUH */

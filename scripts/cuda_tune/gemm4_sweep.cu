@@ -1,0 +1,262 @@
+/* gemm4_sweep.cu -- tuning harness for the 4-bit matmul kernels (native/cuda/kernels/gemm4*.cuh): times
+ * many instantiations (tile shapes, warps, prefetch depth, k splits) on Llama-8B MLP shapes and checks each
+ * result against a float32 reference, so one GPU call can choose the launch table of native/cuda/gemm4.cu.
+ * Not part of the library; built and run by scripts/cuda_tune/run_sweep.sh on the GPU machine:
+ *
+ *   nvcc -O3 -std=c++17 -arch=sm_90 -I native/include -I native/cuda scripts/cuda_tune/gemm4_sweep.cu \
+ *        native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
+ *
+ * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
+ * copies so L2 (50 MB) cannot serve them. Times: median over 7 repetitions of 24 back-to-back launches
+ * timed with events (kernels of >= 10 us keep the GPU busy; launch cost is not included). One line per
+ * measurement: kind, config, shape, batch, splits, us, TFLOP/s, GB/s of packed weights, relative error. */
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "kernels/gemm4.cuh"
+#include "kernels/gemm4_tiled.cuh"
+
+using bf16 = __nv_bfloat16;
+using namespace qk;
+
+#define CK(call)                                                                                   \
+    do {                                                                                           \
+        cudaError_t e_ = (call);                                                                   \
+        if (e_ != cudaSuccess) {                                                                   \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
+            exit(1);                                                                               \
+        }                                                                                          \
+    } while (0)
+
+constexpr int kRotate = 8, kBS = 64, kBS2 = 256, kMaxBatch = 256;
+
+__device__ __forceinline__ uint32_t hash32(uint64_t i, uint32_t seed) {
+    uint64_t z = i * 0x9E3779B97F4A7C15ull + seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return uint32_t(z ^ (z >> 31));
+}
+__global__ void fill_bytes(uint8_t *p, int64_t n, uint32_t seed) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        p[i] = uint8_t(hash32(i, seed));
+}
+__global__ void fill_uniform(float *p, int64_t n, uint32_t seed, float lo, float hi) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        p[i] = lo + (hi - lo) * (hash32(i, seed) >> 8) * (1.0f / 16777216.0f);
+}
+__global__ void fill_bf16(bf16 *p, int64_t n, uint32_t seed) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        p[i] = __float2bfloat16_rn(2.0f * (hash32(i, seed) >> 8) * (1.0f / 16777216.0f) - 1.0f);
+}
+
+/* y_ref[m, n] = sum_k x[m, k] * dequant(W)[n, k] in float32, one thread per output */
+__global__ void reference(const bf16 *x, int batch, const uint8_t *packed, Scales sc, int64_t n_out, int64_t k,
+                          float *y) {
+    const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+    if (idx >= batch * n_out) return;
+    const int64_t m = idx / n_out, n = idx % n_out;
+    float acc = 0.0f;
+    for (int64_t kk = 0; kk < k; kk++) {
+        const int64_t flat = n * k + kk, b = flat / kBS;
+        const float s = sc.code[sc.codes[b]] * sc.absmax2[b / kBS2] + sc.offset;
+        const uint8_t byte = packed[flat >> 1];
+        const float w = kNF4Lut[(flat & 1) ? (byte & 15) : (byte >> 4)] * s;
+        acc += __bfloat162float(x[m * k + kk]) * w;
+    }
+    y[idx] = acc;
+}
+
+struct Problem {
+    int64_t n_out, k;
+    uint8_t *packed[kRotate];
+    uint8_t *codes[kRotate];
+    float *absmax2[kRotate];
+    float *code;
+    bf16 *x, *y;
+    float *y_ref;
+    void *workspace;
+    std::vector<float> ref_host;
+    Scales scales(int c) const { return Scales{nullptr, codes[c], absmax2[c], code, 0.03125f, 8}; }
+};
+
+static Problem make_problem(int64_t n_out, int64_t k) {
+    Problem p{};
+    p.n_out = n_out;
+    p.k = k;
+    const int64_t numel = n_out * k, nb = numel / kBS, nb2 = (nb + kBS2 - 1) / kBS2;
+    for (int c = 0; c < kRotate; c++) {
+        CK(cudaMalloc(&p.packed[c], numel / 2));
+        CK(cudaMalloc(&p.codes[c], nb));
+        CK(cudaMalloc(&p.absmax2[c], nb2 * 4));
+        fill_bytes<<<1024, 256>>>(p.packed[c], numel / 2, 11 + c);
+        fill_bytes<<<1024, 256>>>(p.codes[c], nb, 101 + c);
+        fill_uniform<<<1024, 256>>>(p.absmax2[c], nb2, 1001 + c, 0.02f, 0.1f);
+    }
+    CK(cudaMalloc(&p.code, 256 * 4));
+    std::vector<float> code(256);
+    for (int i = 0; i < 256; i++) code[i] = -1.0f + 2.0f * i / 255.0f;
+    CK(cudaMemcpy(p.code, code.data(), 256 * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&p.x, kMaxBatch * k * 2));
+    fill_bf16<<<1024, 256>>>(p.x, kMaxBatch * k, 7);
+    CK(cudaMalloc(&p.y, kMaxBatch * n_out * 2));
+    CK(cudaMalloc(&p.y_ref, kMaxBatch * n_out * 4));
+    CK(cudaMalloc(&p.workspace, int64_t(16) * kMaxBatch * n_out * 4 + (1 << 20)));
+    CK(cudaMemset(p.workspace, 0, int64_t(16) * kMaxBatch * n_out * 4 + (1 << 20)));
+    const int64_t outs = kMaxBatch * n_out;
+    reference<<<(unsigned)ceil_div(outs, 256), 256>>>(p.x, kMaxBatch, p.packed[0], p.scales(0), n_out, k, p.y_ref);
+    CK(cudaDeviceSynchronize());
+    p.ref_host.resize(outs);
+    CK(cudaMemcpy(p.ref_host.data(), p.y_ref, outs * 4, cudaMemcpyDeviceToHost));
+    return p;
+}
+
+static void free_problem(Problem &p) {
+    for (int c = 0; c < kRotate; c++) {
+        cudaFree(p.packed[c]);
+        cudaFree(p.codes[c]);
+        cudaFree(p.absmax2[c]);
+    }
+    cudaFree(p.code);
+    cudaFree(p.x);
+    cudaFree(p.y);
+    cudaFree(p.y_ref);
+    cudaFree(p.workspace);
+}
+
+/* ||y - ref|| / ||ref|| over the first `batch` rows (y from weight copy 0) */
+static double rel_error(const Problem &p, int batch) {
+    std::vector<uint16_t> raw(batch * p.n_out);
+    CK(cudaMemcpy(raw.data(), p.y, raw.size() * 2, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < raw.size(); i++) {
+        uint32_t bits = uint32_t(raw[i]) << 16;
+        float v;
+        memcpy(&v, &bits, 4);
+        const double d = double(v) - p.ref_host[i];
+        num += d * d;
+        den += double(p.ref_host[i]) * p.ref_host[i];
+    }
+    return std::sqrt(num / den);
+}
+
+static float time_us(const std::function<void(int)> &launch) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    for (int i = 0; i < 4; i++) launch(i % kRotate);
+    std::vector<float> ms;
+    for (int rep = 0; rep < 7; rep++) {
+        CK(cudaEventRecord(a));
+        for (int i = 0; i < 24; i++) launch(i % kRotate);
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float t;
+        CK(cudaEventElapsedTime(&t, a, b));
+        ms.push_back(t * 1000.0f / 24);
+    }
+    CK(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    return ms[3];
+}
+
+static void report(const char *kind, const std::string &cfg, const Problem &p, int batch, int splits, float us,
+                   double err) {
+    const double flops = 2.0 * batch * p.n_out * p.k, bytes = p.n_out * p.k / 2.0 + p.n_out * p.k / kBS;
+    printf("%-6s %-26s %5lldx%-5lld b%-4d s%-2d %9.2f us %7.1f TFLOP/s %7.1f GB/s err %.2e%s\n", kind, cfg.c_str(),
+           (long long)p.n_out, (long long)p.k, batch, splits, us, flops / us / 1e6, bytes / us / 1e3, err,
+           err > 2e-2 ? "  WRONG" : "");
+    fflush(stdout);
+}
+
+template <int NT, int R, int W, int DEPTH, int MINB>
+static void sweep_gemv(Problem &p, int batch) {
+    if (batch > NT * 8) return;
+    auto launch = [&](int c) {
+        gemm_4bit_kernel<bf16, NT, R, W, DEPTH, MINB><<<(unsigned)ceil_div(p.n_out, 16 * R), W * 32>>>(
+            p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6, QCKPT_NF4, p.y);
+    };
+    launch(0);
+    CK(cudaDeviceSynchronize());
+    const double err = rel_error(p, batch);
+    char cfg[64];
+    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d", NT, R, W, DEPTH, MINB);
+    report("gemv", cfg, p, batch, 1, time_us(launch), err);
+}
+
+template <typename Shape, int MINB>
+static void sweep_tiled(Problem &p, int batch, int sms) {
+    const int64_t tiles = ceil_div(p.n_out, Shape::BN) * ceil_div(batch, Shape::BM), ktiles = p.k / kTiledBK;
+    std::vector<int> splits_list = {1, 2, 4, 8, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2)};
+    std::sort(splits_list.begin(), splits_list.end());
+    splits_list.erase(std::unique(splits_list.begin(), splits_list.end()), splits_list.end());
+    for (int splits : splits_list) {
+        if (splits > 1 && ktiles / splits < 4) continue;
+        auto launch = [&](int c) {
+            CK((launch_gemm_4bit_tiled<bf16, Shape, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
+                                                            QCKPT_NF4, p.y, splits, p.workspace, 0)));
+        };
+        launch(0);
+        CK(cudaDeviceSynchronize());
+        const double err = rel_error(p, batch);
+        char cfg[64];
+        snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d MINB%d", Shape::WN, Shape::WM, Shape::NT16, Shape::MT,
+                 Shape::STAGES, MINB);
+        report("tiled", cfg, p, batch, splits, time_us(launch), err);
+    }
+}
+
+int main(int argc, char **argv) {
+    const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    const int sms = prop.multiProcessorCount;
+    const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}};
+    for (auto &shape : shapes) {
+        Problem p = make_problem(shape[0], shape[1]);
+        for (int batch : {1, 8, 16}) {
+            sweep_gemv<1, 1, 8, 2, 2>(p, batch);
+            sweep_gemv<1, 1, 4, 2, 4>(p, batch);
+            if (!quick) {
+                sweep_gemv<1, 2, 4, 2, 2>(p, batch);
+                sweep_gemv<1, 2, 8, 2, 1>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 1>(p, batch);
+                sweep_gemv<1, 1, 16, 2, 1>(p, batch);
+                sweep_gemv<1, 4, 4, 1, 2>(p, batch);
+                sweep_gemv<1, 2, 4, 1, 4>(p, batch);
+            }
+            sweep_gemv<2, 1, 4, 1, 4>(p, batch);
+            sweep_gemv<2, 1, 8, 1, 2>(p, batch);
+            sweep_gemv<2, 2, 4, 1, 3>(p, batch);
+            if (!quick) {
+                sweep_gemv<2, 2, 8, 1, 1>(p, batch);
+                sweep_gemv<2, 1, 4, 2, 2>(p, batch);
+                sweep_gemv<2, 1, 16, 1, 1>(p, batch);
+            }
+        }
+        for (int batch : {16, 32, 64, 128, 256}) {
+            if (batch <= 32) sweep_tiled<TiledShape<8, 1, 1, 2, 4>, 2>(p, batch, sms);
+            if (batch <= 64) sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 2>(p, batch, sms);
+            if (batch >= 32) sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2>(p, batch, sms);
+            if (batch >= 64) {
+                sweep_tiled<TiledShape<4, 2, 2, 8, 3>, 1>(p, batch, sms);
+                sweep_tiled<TiledShape<8, 1, 1, 16, 3>, 1>(p, batch, sms);
+                sweep_tiled<TiledShape<4, 2, 1, 8, 4>, 2>(p, batch, sms);
+                if (!quick) {
+                    sweep_tiled<TiledShape<2, 4, 4, 4, 3>, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<4, 1, 2, 8, 4>, 2>(p, batch, sms);
+                    sweep_tiled<TiledShape<4, 2, 2, 8, 4>, 1>(p, batch, sms);
+                }
+            }
+        }
+        free_problem(p);
+    }
+    return 0;
+}
