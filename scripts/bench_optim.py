@@ -8,6 +8,12 @@ Goal (issue 6): no slower than torch AdamW per step, with <= 1/3.5 of its state 
     python scripts/bench_optim.py                    # 100M parameters, 3 timed steps each
     python scripts/bench_optim.py --millions 25      # a smaller set
     python scripts/bench_optim.py --curve            # also the 200-step stories260K loss curves
+    python scripts/bench_optim.py --device cuda --out build/bench   # the GPU table (CUDA events), also
+                                                     # written to build/bench/bench_optim_cuda.md
+
+On CUDA the table adds PagedAdamW8bit (ours and bitsandbytes') and a floor per optimizer: the bytes one
+step must move (parameter read + write, gradient read, state read + write) over the device-to-device
+copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -96,6 +102,101 @@ def bench_steps(args):
         print(f"| {name} | {t * 1e3:.0f} | {t / base_t:.2f}x | {b / 2**20:.1f} | {b / n:.3f} | 1/{base_b / max(b, 1):.2f} |")
 
 
+# ----- CUDA (--device cuda) -----
+
+def cuda_candidates():
+    from converter.optim import PagedAdamW8bit
+
+    out = [
+        ("qckpt AdamW8bit", lambda ps: AdamW8bit(ps)),
+        ("qckpt PagedAdamW8bit", lambda ps: PagedAdamW8bit(ps)),
+        ("torch AdamW default", lambda ps: torch.optim.AdamW(ps)),  # on CUDA: foreach
+        ("torch AdamW foreach", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        ("torch AdamW fused", lambda ps: torch.optim.AdamW(ps, fused=True)),
+    ]
+    try:
+        import bitsandbytes as bnb
+
+        out.append((f"bitsandbytes {bnb.__version__} AdamW8bit", lambda ps: bnb.optim.AdamW8bit(ps)))
+        out.append((f"bitsandbytes {bnb.__version__} PagedAdamW8bit", lambda ps: bnb.optim.PagedAdamW8bit(ps)))
+    except Exception as exc:  # noqa: BLE001 - the oracle is optional here
+        print(f"(bitsandbytes not usable: {exc})")
+    return out
+
+
+def copy_bandwidth(device, nbytes=1 << 30, repeats=10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of `repeats`."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def bench_steps_cuda(args):
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in make_params(args.millions, gen)]
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+    n = sum(p.numel() for p in params)
+    io_bytes = sum(3 * p.numel() * p.element_size() for p in params)  # param read + write, gradient read
+    bandwidth = copy_bandwidth(device)
+    title = (f"# optimizer step on {n / 1e6:.1f}M fp32 parameters ({len(params)} tensors), "
+             f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}; device copy bandwidth "
+             f"{bandwidth / 1e9:.0f} GB/s")
+    print(title)
+    rows = []
+    for name, make in cuda_candidates():
+        opt = None
+        try:
+            opt = make(params)
+            opt.step()  # creates the state; not timed
+            torch.cuda.synchronize(device)
+            times = []
+            for _ in range(args.steps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                opt.step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            state = state_nbytes(opt)
+            rows.append((name, statistics.median(times), state, (io_bytes + 2 * state) / bandwidth))
+        except Exception as exc:  # noqa: BLE001 - report and go on to the next candidate
+            rows.append((name, float("nan"), 0, float("nan")))
+            print(f"{name}: failed: {type(exc).__name__}: {exc}")
+        del opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    base_t = next(t for name, t, _, _ in rows if name == "torch AdamW default")
+    base_b = next(b for name, _, b, _ in rows if name == "torch AdamW default")
+    lines = [title, "",
+             f"| optimizer | step ms (median of {args.steps}) | floor ms | vs floor | vs torch default | state MiB "
+             "| bytes/param | state vs torch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, t, b, floor in rows:
+        lines.append(f"| {name} | {t * 1e3:.2f} | {floor * 1e3:.2f} | {t / floor:.2f}x | {t / base_t:.2f}x | "
+                     f"{b / 2**20:.1f} | {b / n:.3f} | 1/{base_b / max(b, 1):.2f} |")
+    lines.append("")
+    lines.append("floor: (parameter read + write + gradient read + state read + write) / device copy bandwidth")
+    print("\n".join(lines[2:]))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_optim_cuda.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    print(f"written {path}")
+
+
 def loss_curves(steps=200, seq=32, bs=8):
     """The 200-step run of issue 6: stories260K architecture from scratch, default lr 1e-3."""
     import transformers
@@ -140,12 +241,21 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps per optimizer (default 3)")
     parser.add_argument("--curve", action="store_true", help="also run the 200-step loss curves")
     parser.add_argument("--no-steps", action="store_true", help="skip the step-time table")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default): the table above; cuda: the GPU table with CUDA-event timings")
+    parser.add_argument("--out", default=os.path.join("build", "bench"),
+                        help="folder for the CUDA table's markdown file (default build/bench)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for every optimizer (torch.set_num_threads and AdamW8bit threads=)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.no_steps:
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device")
+        if not args.no_steps:
+            bench_steps_cuda(args)
+    elif not args.no_steps:
         bench_steps(args)
     if args.curve:
         loss_curves()

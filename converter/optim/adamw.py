@@ -1,11 +1,13 @@
-"""AdamW with blockwise 8-bit moments (the optimizer of QLoRA training), on the native CPU kernel.
+"""AdamW with blockwise 8-bit moments (the optimizer of QLoRA training), on the native CPU or CUDA kernel.
 
 State per parameter of >= min_8bit_size elements (bitsandbytes' names, so the layout reads familiar):
   state1 / absmax1: first moment, uint8 codes of the signed dynamic map + one float32 absmax per 256
   state2 / absmax2: second moment, uint8 codes of the unsigned dynamic map + float32 absmax per 256
 i.e. 2 + 8/256 = 2.03 bytes per parameter instead of AdamW's 8. Smaller tensors (biases, norms, small
 LoRA adapters) keep float32 exp_avg / exp_avg_sq: quantizing them saves little and costs accuracy.
-Both paths run one fused native call per parameter; converter/optim/reference.py defines the arithmetic.
+Both paths run one fused native call per parameter: the CPU library for CPU parameters, the CUDA extension
+on the parameter's device (its current stream) for CUDA parameters, with the same bytes either way;
+converter/optim/reference.py defines the arithmetic. A parameter's state lives on the parameter's device.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ class AdamW8bit(torch.optim.Optimizer):
 
     amsgrad, capturable and differentiable are not supported (a clear error); foreach and fused are
     accepted for signature compatibility and ignored: every step is one fused kernel per parameter.
-    `min_8bit_size`: parameters with fewer elements keep 32-bit state. `threads`: native worker count
-    (default: QCKPT_THREADS, else every core this process may use).
-    Parameters must be CPU tensors for now (the CUDA kernel is pending the CUDA extension)."""
+    `min_8bit_size`: parameters with fewer elements keep 32-bit state. `threads`: native worker count of
+    the CPU kernel (default: QCKPT_THREADS, else every core this process may use).
+    Parameters may be CPU or CUDA tensors, also mixed within a group: each parameter's state is kept on
+    its own device (CUDA steps need the CUDA extension, `python native/ffi/build_cuda.py`)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
@@ -53,6 +56,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._threads = threads
         # The two code maps, built once per optimizer (constants; the kernel only reads them).
         self._m_map, self._v_map = maps.signed_map(), maps.unsigned_map()
+        self._device_maps = {}  # torch.device -> (m_map, v_map) copies for the CUDA kernel
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False,
                         maximize=maximize, min_8bit_size=int(min_8bit_size))
         super().__init__(params, defaults)
@@ -77,7 +81,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 grad = self._checked_grad(param, name)
                 state = self.state[param]
                 if not state:
-                    _init_state(param, state, group.get("min_8bit_size", self.defaults["min_8bit_size"]))
+                    _init_state(param, state, group.get("min_8bit_size", self.defaults["min_8bit_size"]),
+                                self._new_state)
                 state["step"] += 1
                 step = int(state["step"].item())
                 if step not in scalars_by_step:
@@ -92,9 +97,8 @@ class AdamW8bit(torch.optim.Optimizer):
         grad = param.grad
         if grad.is_sparse:
             raise OptimizerError(f"{name}: AdamW8bit does not support sparse gradients")
-        if param.device.type != "cpu":
-            raise OptimizerError(f"{name} is on {param.device}: AdamW8bit runs on CPU only until the CUDA "
-                                 "8-bit optimizer kernel exists (pending the CUDA extension)")
+        if param.device.type not in ("cpu", "cuda"):
+            raise OptimizerError(f"{name} is on {param.device}: AdamW8bit runs on CPU and CUDA devices")
         if param.dtype not in _PARAM_DTYPES or grad.dtype not in _PARAM_DTYPES:
             raise OptimizerError(f"{name}: parameter dtype {param.dtype} / gradient dtype {grad.dtype} not "
                                  "supported (float32, bfloat16 or float16)")
@@ -104,21 +108,51 @@ class AdamW8bit(torch.optim.Optimizer):
         return grad.contiguous()
 
     def _update(self, param, grad, state, scalars, name):
-        from ..kernels import optim_cpu
-
         # The kernel writes through the pointer: a non-contiguous parameter is stepped in a copy.
         target = param.data if param.data.is_contiguous() else param.data.contiguous()
-        if "state1" in state:
-            optim_cpu.adamw8bit_step(
-                target, grad, state["state1"], state["absmax1"], self._m_map, state["state2"],
-                state["absmax2"], self._v_map, scalars, blocksize=BLOCKSIZE, threads=self._threads,
-                name=name,
-            )
+        # The kernels check that every state tensor is on the parameter's device (a clear error if not).
+        if param.device.type == "cuda":
+            from ..kernels import optim_cuda
+
+            m_map, v_map = self._maps_on(param.device)
+            if "state1" in state:
+                optim_cuda.adamw8bit_step(target, grad, state["state1"], state["absmax1"], m_map, state["state2"],
+                                          state["absmax2"], v_map, scalars, blocksize=BLOCKSIZE, name=name)
+            else:
+                optim_cuda.adamw32_step(target, grad, state["exp_avg"], state["exp_avg_sq"], scalars, name=name)
         else:
-            optim_cpu.adamw32_step(target, grad, state["exp_avg"], state["exp_avg_sq"], scalars,
-                                   threads=self._threads, name=name)
+            from ..kernels import optim_cpu
+
+            if "state1" in state:
+                optim_cpu.adamw8bit_step(
+                    target, grad, state["state1"], state["absmax1"], self._m_map, state["state2"],
+                    state["absmax2"], self._v_map, scalars, blocksize=BLOCKSIZE, threads=self._threads,
+                    name=name,
+                )
+            else:
+                optim_cpu.adamw32_step(target, grad, state["exp_avg"], state["exp_avg_sq"], scalars,
+                                       threads=self._threads, name=name)
         if target.data_ptr() != param.data.data_ptr():
             param.data.copy_(target)
+
+    def _maps_on(self, device: torch.device) -> tuple:
+        """The code maps on a CUDA device, copied there (and checked) once."""
+        maps_there = self._device_maps.get(device)
+        if maps_there is None:
+            from ..kernels import optim_cuda
+
+            maps_there = self._device_maps[device] = optim_cuda.device_maps(self._m_map, self._v_map, device)
+        return maps_there
+
+    # ---- state memory (PagedAdamW8bit allocates it elsewhere) ----
+
+    def _new_state(self, numel: int, dtype: torch.dtype, device: torch.device, fill) -> torch.Tensor:
+        """A new 1-D state tensor of `numel` elements filled with `fill`."""
+        return torch.full((numel,), fill, dtype=dtype, device=device)
+
+    def _copy_state(self, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """A loaded state tensor as this optimizer's own flat copy on `device`."""
+        return value.reshape(-1).to(device=device, copy=True).contiguous()
 
     # ---- state_dict round trip ----
 
@@ -137,9 +171,11 @@ class AdamW8bit(torch.optim.Optimizer):
             state = self.state[param]
             for key, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    value = value.detach().to(device=param.device if key != "step" else "cpu").clone()
-                    if key == "step" or key in _STATE32:
-                        value = value.to(torch.float32)
+                    value = value.detach()
+                    if key == "step":
+                        value = value.to(device="cpu", dtype=torch.float32, copy=True)
+                    else:
+                        value = self._copy_state(value.to(torch.float32) if key in _STATE32 else value, param.device)
                 state[key] = value
             _validate_state(param, state, f"loaded state of parameter {pid} {tuple(param.shape)}")
 
@@ -148,18 +184,19 @@ def _describe(gi: int, pi: int, param) -> str:
     return f"param group {gi} parameter {pi} {tuple(param.shape)}"
 
 
-def _init_state(param, state, min_8bit_size: int) -> None:
-    n = param.numel()
+def _init_state(param, state, min_8bit_size: int, new) -> None:
+    """Zero moments, from `new(numel, dtype, device, fill)` (AdamW8bit._new_state)."""
+    n, device = param.numel(), param.device
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     if n >= min_8bit_size:
         nb = -(-n // BLOCKSIZE)
-        state["state1"] = torch.full((n,), _ZERO_CODE_SIGNED, dtype=torch.uint8, device=param.device)
-        state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=param.device)
-        state["state2"] = torch.zeros(n, dtype=torch.uint8, device=param.device)
-        state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=param.device)
+        state["state1"] = new(n, torch.uint8, device, _ZERO_CODE_SIGNED)
+        state["absmax1"] = new(nb, torch.float32, device, 0.0)
+        state["state2"] = new(n, torch.uint8, device, 0)
+        state["absmax2"] = new(nb, torch.float32, device, 0.0)
     else:
-        state["exp_avg"] = torch.zeros(n, dtype=torch.float32, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(n, dtype=torch.float32, device=param.device)
+        state["exp_avg"] = new(n, torch.float32, device, 0.0)
+        state["exp_avg_sq"] = new(n, torch.float32, device, 0.0)
 
 
 def _validate_state(param, state, where: str) -> None:

@@ -87,6 +87,44 @@ qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, c
                                   const qckpt_cuda_scales *scales, int64_t n_out, int64_t k, int64_t blocksize,
                                   int32_t quant_type, void *y, void *stream);
 
+/* ---- 8-bit optimizers (converter/optim; CPU original: qckpt_adamw8bit_step in qckpt.h) ----
+ * The same steps on the device, with the same arguments plus the stream: every non-NaN parameter value,
+ * code and absmax is the CPU kernel's bit for bit, and a NaN is NaN in the same places (its payload is
+ * the hardware's: x86 propagates operand payloads, the GPU writes its canonical NaN). The maps must be
+ * strictly increasing: the CPU function checks that, the device cannot without a synchronization, so
+ * callers pass maps they have checked (converter.optim's are constants). */
+#ifdef QCKPT_CUDA_CDEF_ONLY
+/* cffi reads this header, not qckpt.h: the struct is repeated for it; C sees qckpt.h's definition and the
+ * cffi build checks this one against it. */
+typedef struct {
+    float beta1, beta2;
+    float one_minus_beta1, one_minus_beta2;
+    float eps;
+    float step_size;
+    float bias_correction2_sqrt;
+    float decay;
+    int32_t maximize;
+} qckpt_adamw_hparams;
+#endif
+
+qckpt_status qckpt_cuda_adamw8bit_step(void *param, int32_t param_dtype, const void *grad, int32_t grad_dtype,
+                                       int64_t n, uint8_t *m_codes, float *m_absmax, const float *m_map,
+                                       uint8_t *v_codes, float *v_absmax, const float *v_map, int64_t blocksize,
+                                       const qckpt_adamw_hparams *hp, void *stream);
+
+qckpt_status qckpt_cuda_adamw32_step(void *param, int32_t param_dtype, const void *grad, int32_t grad_dtype,
+                                     int64_t n, float *m, float *v, const qckpt_adamw_hparams *hp, void *stream);
+
+/* Unified memory (cudaMallocManaged) for the paged optimizer: the driver pages it between the GPU and the
+ * host under memory pressure. alloc: `bytes` placed for `device` (the allocation's device, as torch reads
+ * it); QCKPT_E_NOMEM when it cannot. free: synchronizes the device first (cudaFree), NULL is a no-op.
+ * prefetch: migrate [ptr, ptr + bytes) to `device` (-1: the host) in stream order. is_managed: *managed is
+ * 1 for a pointer into managed memory, else 0. */
+qckpt_status qckpt_cuda_managed_alloc(int64_t bytes, int32_t device, void **ptr);
+qckpt_status qckpt_cuda_managed_free(void *ptr);
+qckpt_status qckpt_cuda_prefetch(const void *ptr, int64_t bytes, int32_t device, void *stream);
+qckpt_status qckpt_cuda_is_managed(const void *ptr, int32_t *managed);
+
 #ifdef __cplusplus
 }
 #endif
