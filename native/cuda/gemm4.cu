@@ -9,7 +9,8 @@ namespace {
 template <typename T, int NT, int R, int W, int DEPTH, int MINB = 8 / W * 2>
 void launch(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
             int log2_bs, int qt, void *y, cudaStream_t s) {
-    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB><<<qk::gemm_4bit_grid(n_out, R, MINB), W * 32, 0, s>>>(
+    const int64_t blocks = qk::ceil_div(n_out, 16 * R);
+    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB><<<(unsigned)blocks, W * 32, 0, s>>>(
         static_cast<const T *>(x), batch, packed, sc, n_out, k, log2_bs, qt, static_cast<T *>(y));
 }
 

@@ -16,8 +16,6 @@
 #ifndef QCKPT_CUDA_GEMM4_CUH
 #define QCKPT_CUDA_GEMM4_CUH
 
-#include <algorithm>
-
 #include "../common.cuh"
 
 namespace qk {
@@ -95,26 +93,10 @@ __device__ __forceinline__ void gemm_load(GemmFrag<NT, R> &f, const T *__restric
         }
 }
 
-/* Shared table of the kernels: byte (two codes) -> the dequantized pair before scaling.
- * float16: one float32 copy (exact path: scaled in float32, rounded once).
- * bfloat16: the pair rounded to bf16x2, kept 32 times with one column per lane, so that a lookup of a
- * random byte by every lane of a warp hits bank `lane` and never conflicts. Why: with one 256-entry copy
- * random bytes cost ~3.5 shared-memory wavefronts per lookup and Nsight Compute showed the L1/shared pipe
- * as the batch-1 kernel's bottleneck (L1/TEX 80% busy, DRAM 31%). 32 KiB per block. */
-template <typename T> struct PairTable;
-template <> struct PairTable<__half> {
-    float2 f32[256];
-    __device__ __forceinline__ void fill(const float *lut) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
-    }
-};
-template <> struct PairTable<__nv_bfloat16> {
-    uint32_t b16[256][32];
-    __device__ __forceinline__ void fill(const float *lut) {
-        /* i >> 5 is uniform across a warp: the constant-memory reads broadcast */
-        for (int i = threadIdx.x; i < 256 * 32; i += blockDim.x)
-            b16[i >> 5][i & 31] = pack2<__nv_bfloat16>(lut[(i >> 5) >> 4], lut[(i >> 5) & 15]);
-    }
+/* Shared tables of the kernel: byte -> dequantized pair before scaling. */
+struct PairTable {
+    float2 f32[256];   /* float16 path: (LUT[hi], LUT[lo]) */
+    uint32_t b16[256]; /* bfloat16 path: the same pair rounded to bf16x2 */
 };
 
 template <typename T> struct PairDequant;
@@ -122,7 +104,7 @@ template <> struct PairDequant<__half> {  /* exact: float32 product, one RNE rou
     float s;
     PairDequant() = default;
     __device__ __forceinline__ explicit PairDequant(float scale) : s(scale) {}
-    __device__ __forceinline__ uint32_t operator()(const PairTable<__half> &t, int, uint32_t byte) const {
+    __device__ __forceinline__ uint32_t operator()(const PairTable &t, uint32_t byte) const {
         const float2 p = t.f32[byte];
         return pack2<__half>(__fmul_rn(p.x, s), __fmul_rn(p.y, s));
     }
@@ -131,16 +113,16 @@ template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply */
     __nv_bfloat162 s;
     PairDequant() = default;
     __device__ __forceinline__ explicit PairDequant(float scale) : s(__float2bfloat162_rn(scale)) {}
-    __device__ __forceinline__ uint32_t operator()(const PairTable<__nv_bfloat16> &t, int lane, uint32_t byte) const {
-        const uint32_t p = t.b16[byte][lane];
+    __device__ __forceinline__ uint32_t operator()(const PairTable &t, uint32_t byte) const {
+        const uint32_t p = t.b16[byte];
         __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&p), s);
         return *reinterpret_cast<uint32_t *>(&v);
     }
 };
 
 template <typename T, int NT, int R>
-__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable<T> &tab, int lane,
-                                             const Scales &scales, const float *code, float (&acc)[R][NT][4]) {
+__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable &tab, const Scales &scales,
+                                             const float *code, float (&acc)[R][NT][4]) {
     PairDequant<T> deq[R][2];
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -160,8 +142,8 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
             for (int h = 0; h < 2; h++) {
                 const uint32_t word = reinterpret_cast<const uint32_t *>(&f.w[r][h])[j >> 1];
                 const int sh = (j & 1) * 16;
-                a[h] = deq[r][h](tab, lane, (word >> sh) & 0xFF);
-                a[2 + h] = deq[r][h](tab, lane, (word >> (sh + 8)) & 0xFF);
+                a[h] = deq[r][h](tab, (word >> sh) & 0xFF);
+                a[2 + h] = deq[r][h](tab, (word >> (sh + 8)) & 0xFF);
             }
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
@@ -173,70 +155,63 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
 }
 
 /* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed; MINB blocks
- * per multiprocessor bound the registers. The grid is persistent (gemm_4bit_grid): a block fills its
- * tables once and walks row tiles blockIdx.x, + gridDim.x, ... */
+ * per multiprocessor bound the registers. */
 template <typename T, int NT, int R, int W, int DEPTH, int MINB>
 __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__restrict__ x, int batch,
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
-    __shared__ PairTable<T> tab;
+    __shared__ PairTable tab;
     __shared__ float code[256];
     __shared__ float red[W][R][NT][4][32];
-    tab.fill(quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut);
-    if (!scales.absmax)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
+        tab.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
+        tab.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
+        if (!scales.absmax) code[i] = scales.code[i];
+    }
     __syncthreads();
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int64_t steps = ceil_div(k, 128), tiles = ceil_div(n_out, 16 * R);
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int64_t n0 = tile * 16 * R;
-        float acc[R][NT][4];
+    const int64_t n0 = int64_t(blockIdx.x) * 16 * R, steps = ceil_div(k, 128);
+    float acc[R][NT][4];
 #pragma unroll
-        for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++)
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
+        for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                for (int q = 0; q < 4; q++) acc[r][nt][q] = 0.0f;
+            for (int q = 0; q < 4; q++) acc[r][nt][q] = 0.0f;
 
-        /* software pipeline: the next DEPTH steps' loads are in flight while this step computes */
-        GemmFrag<NT, R> cur, n1, n2;
-        if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
-        if (DEPTH == 2 && warp + W < steps)
-            gemm_load<T, NT, R>(n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp + W, g, t);
-        for (int64_t s = warp; s < steps; s += W) {
-            if (s + DEPTH * W < steps)
-                gemm_load<T, NT, R>(DEPTH == 2 ? n2 : n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0,
-                                    s + DEPTH * W, g, t);
-            gemm_compute<T, NT, R>(cur, tab, lane, scales, code, acc);
-            cur = n1;
-            if (DEPTH == 2) n1 = n2;
-        }
-
-#pragma unroll
-        for (int r = 0; r < R; r++)
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int q = 0; q < 4; q++) red[warp][r][nt][q][lane] = acc[r][nt][q];
-        __syncthreads();
-        for (int idx = threadIdx.x; idx < R * NT * 4 * 32; idx += blockDim.x) {
-            const int ln = idx & 31, q = (idx >> 5) & 3, nt = (idx >> 7) % NT, r = (idx >> 7) / NT;
-            float sum = 0.0f;
-#pragma unroll
-            for (int w = 0; w < W; w++) sum = __fadd_rn(sum, red[w][r][nt][q][ln]);
-            const int64_t row = n0 + r * 16 + (ln >> 2) + (q >= 2 ? 8 : 0);
-            const int col = nt * 8 + 2 * (ln & 3) + (q & 1);
-            if (row < n_out && col < batch) y[int64_t(col) * n_out + row] = from_f32<T>(sum);
-        }
-        __syncthreads(); /* red is reused by the next tile */
+    /* software pipeline: the next DEPTH steps' loads are in flight while this step computes */
+    GemmFrag<NT, R> cur, n1, n2;
+    if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
+    if (DEPTH == 2 && warp + W < steps)
+        gemm_load<T, NT, R>(n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp + W, g, t);
+    for (int64_t s = warp; s < steps; s += W) {
+        if (s + DEPTH * W < steps)
+            gemm_load<T, NT, R>(DEPTH == 2 ? n2 : n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0,
+                                s + DEPTH * W, g, t);
+        gemm_compute<T, NT, R>(cur, tab, scales, code, acc);
+        cur = n1;
+        if (DEPTH == 2) n1 = n2;
     }
-}
 
-/* Blocks of a gemm_4bit_kernel launch: one per row tile, at most MINB per multiprocessor. */
-inline unsigned gemm_4bit_grid(int64_t n_out, int R, int MINB) {
-    return (unsigned)std::min<int64_t>(ceil_div(n_out, 16 * R), int64_t(sm_count()) * MINB);
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) red[warp][r][nt][q][lane] = acc[r][nt][q];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < R * NT * 4 * 32; idx += blockDim.x) {
+        const int ln = idx & 31, q = (idx >> 5) & 3, nt = (idx >> 7) % NT, r = (idx >> 7) / NT;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < W; w++) sum = __fadd_rn(sum, red[w][r][nt][q][ln]);
+        const int64_t row = n0 + r * 16 + (ln >> 2) + (q >= 2 ? 8 : 0);
+        const int col = nt * 8 + 2 * (ln & 3) + (q & 1);
+        if (row < n_out && col < batch) y[int64_t(col) * n_out + row] = from_f32<T>(sum);
+    }
 }
 
 }  // namespace qk
