@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine, in one call: build the CUDA extension, run every CUDA test, check and time
-# `qckpt convert --device cuda` against `--device cpu`, run the kernel benchmarks.
+# `qckpt convert --device cuda` against `--device cpu`, run the kernel and optimizer benchmarks.
 # Logs and tables go under $OUT (the device tool's folder; ./out elsewhere), at most 8 files:
 #   device.txt build.log tests.log convert_bench.log convert_bench.md bench_cuda.log bench_cuda.md details.tar.gz
 # Expects the package importable from this checkout (`python -m pip install --no-deps --no-build-isolation -e .`)
@@ -75,7 +75,11 @@ if [ "$BENCH" = 1 ]; then
   run_stage "kernel benchmark" 150 45 "$PY" scripts/bench_cuda.py --out /tmp/bench_cuda $QUICK > "$OUT/bench_cuda.log" 2>&1
   tail -30 "$OUT/bench_cuda.log"
   cp /tmp/bench_cuda/bench_cuda.md "$OUT/" 2>/dev/null
+  mkdir -p /tmp/bench_optim
+  run_stage "optimizer benchmark" 90 30 "$PY" scripts/bench_optim.py --device cuda --out /tmp/bench_optim \
+    > /tmp/bench_optim/bench_optim.log 2>&1
+  tail -14 /tmp/bench_optim/bench_optim.log
 fi
-tar -czf "$OUT/details.tar.gz" -C /tmp $(cd /tmp && ls -d bench_cuda qc7b_out 2>/dev/null) 2>/dev/null
+tar -czf "$OUT/details.tar.gz" -C /tmp $(cd /tmp && ls -d bench_cuda bench_optim qc7b_out 2>/dev/null) 2>/dev/null
 echo "gpu_check done in $(elapsed) s: tests exit $tests_rc, convert check exit $convert_rc"
 [ "$tests_rc" = 0 ] && [ "$convert_rc" = 0 ]

@@ -3,6 +3,7 @@ every native/cuda source (CI's build check), and the exact-mean rounding of doub
 and device code alike) equals reference.exact_mean_f32. nvcc-dependent tests skip when it is absent."""
 import importlib.util
 import pathlib
+import re
 import struct
 import subprocess
 
@@ -27,7 +28,11 @@ def test_cuda_module_imports_without_gpu_or_extension():
 
     assert isinstance(cuda.available(), bool)
     assert cuda.fused_supported(1, 4096, torch.bfloat16)
-    assert not cuda.fused_supported(17, 4096, torch.bfloat16)
+    assert cuda.fused_supported(16, 4128, torch.float16)  # decode kernel: K % 32
+    assert cuda.fused_supported(17, 4096, torch.bfloat16) and cuda.fused_supported(128, 64, torch.bfloat16)
+    assert not cuda.fused_supported(17, 4128, torch.bfloat16)  # prefill kernel: K % 64
+    assert not cuda.fused_supported(129, 4096, torch.bfloat16)
+    assert not cuda.fused_supported(0, 4096, torch.bfloat16)
     assert not cuda.fused_supported(1, 4100, torch.bfloat16)
     assert not cuda.fused_supported(1, 4096, torch.float32)
 
@@ -39,9 +44,16 @@ def test_cuda_cdef_parses_header():
     cdef = build.cdef_from_header(build.HEADER.read_text())
     ffi = cffi.FFI()
     ffi.cdef(cdef)  # raises on anything cffi cannot parse
-    for name in ("qckpt_cuda_quantize_4bit", "qckpt_cuda_gemm_4bit", "qckpt_cuda_read_report",
-                 "qckpt_cuda_dequantize_4bit", "qckpt_cuda_quantize_int8_rowwise", "qckpt_cuda_exact_mean"):
+    for name in ("qckpt_cuda_quantize_4bit", "qckpt_cuda_gemm_4bit", "qckpt_cuda_gemm_4bit_workspace",
+                 "qckpt_cuda_read_report", "qckpt_cuda_dequantize_4bit", "qckpt_cuda_quantize_int8_rowwise",
+                 "qckpt_cuda_exact_mean", "qckpt_cuda_adamw8bit_step", "qckpt_cuda_adamw32_step",
+                 "qckpt_cuda_managed_alloc", "qckpt_cuda_managed_free", "qckpt_cuda_prefetch"):
         assert name in cdef
+    # Python's row limit of the fused kernels is the header's
+    from converter.kernels import cuda
+
+    limit = re.search(r"QCKPT_CUDA_GEMM_MAX_ROWS = (\d+)", build.HEADER.read_text())
+    assert limit and int(limit.group(1)) == cuda.FUSED_MAX_ROWS
 
 
 @pytest.mark.slow

@@ -225,11 +225,49 @@ def test_gemm_4bit_fused_matches_reference(dtype, gen):
                 assert err < (1e-2 if dtype is torch.bfloat16 else 2e-3), (n_out, k, rows, quant_type, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_4bit_prefill_kernel_matches_reference(dtype, gen):
+    """The tiled kernel for 17..128 rows: both tile heights (<= 32 rows, more), rows that fill no tile
+    exactly, N not a multiple of its 128-output tiles, one k-tile (K 64) up to grids that split K (few
+    output tiles, long K), plain and nested scales, blocksizes 32..256; within rounding of dequantize +
+    float64 matmul, and bit-identical when repeated (the split-K sum runs in a fixed order)."""
+    cases = [(333, 4096 + 64, 17), (4096, 2048, 32), (100, 14336 // 2, 33), (8500, 256, 64), (64, 64, 100),
+             (1000, 1024, 128), (40, 8192, 77)]
+    for n_out, k, rows in cases:
+        w = torch.randn(n_out, k, generator=gen) * 0.02
+        for quant_type, dq, bs in ((QuantType.NF4, True, 64), (QuantType.FP4, False, 32), (QuantType.NF4, False, 256)):
+            qt = converter.quantize(w.cuda(), quant_type, bs, dq)
+            x = torch.randn(rows, k, generator=gen).to(dtype).cuda()
+            y = kcuda.gemm_4bit(x, qt)
+            assert y.shape == (rows, n_out) and y.dtype == dtype
+            err = rel_err(y, reference_matmul(x, qt))
+            assert err < (1e-2 if dtype is torch.bfloat16 else 2e-3), (n_out, k, rows, quant_type, bs, err)
+            assert torch.equal(kcuda.gemm_4bit(x, qt).view(torch.int16), y.view(torch.int16)), (n_out, k, rows)
+
+
+def test_gemm_4bit_prefill_split_workspace_stays_usable(gen):
+    """Calls of different shapes share one cached split-K workspace per stream: its tile counters must be
+    left zero by every call, or the next call would add the wrong partial sums. Alternate shapes (split
+    and unsplit grids, different tile counts) and check each against the first result of its shape."""
+    weights = [converter.quantize((torch.randn(n, k, generator=gen) * 0.05).cuda(), "nf4", 64, True)
+               for n, k in ((256, 8192), (4096, 512), (128, 16384))]
+    xs = [torch.randn(rows, qt.shape[1], generator=gen).bfloat16().cuda() for rows, qt in zip((40, 20, 128), weights)]
+    first = [kcuda.gemm_4bit(x, qt) for x, qt in zip(xs, weights)]
+    for _ in range(3):
+        for x, qt, want in zip(xs, weights, first):
+            assert torch.equal(kcuda.gemm_4bit(x, qt).view(torch.int16), want.view(torch.int16))
+    for x, qt, y in zip(xs, weights, first):
+        assert rel_err(y, reference_matmul(x, qt)) < 1e-2
+
+
 def test_gemm_4bit_other_paths_match_reference(gen):
-    """Inputs outside the fused kernel (17+ rows, float32, K % 32 != 0, 3-D activations with a bias)
-    take dequantize + cuBLAS, into a caller's workspace when given, and stay within tolerance."""
-    cases = [(64, 512, 17, torch.bfloat16), (96, 200, 4, torch.bfloat16), (128, 256, 5, torch.float32)]
+    """Inputs outside the fused kernels (129+ rows, float32, K % 32 != 0, 17+ rows with K % 64 != 0, 3-D
+    activations with a bias) take dequantize + cuBLAS, into a caller's workspace when given, and stay
+    within tolerance."""
+    cases = [(64, 512, 129, torch.bfloat16), (96, 200, 4, torch.bfloat16), (128, 256, 5, torch.float32),
+             (80, 96, 20, torch.float16)]
     for n_out, k, rows, dtype in cases:
+        assert not kcuda.fused_supported(rows, k, dtype)
         qt = converter.quantize((torch.randn(n_out, k, generator=gen) * 0.05).cuda(), "nf4", 64, True)
         x = torch.randn(rows, k, generator=gen).to(dtype).cuda()
         ws = torch.empty(n_out * k + 5, dtype=dtype, device="cuda")
@@ -242,6 +280,12 @@ def test_gemm_4bit_other_paths_match_reference(gen):
     y = kcuda.gemm_4bit(x, qt, bias)
     want = reference_matmul(x.reshape(6, 64), qt) + bias.cpu().to(torch.bfloat16).double()
     assert y.shape == (2, 3, 48) and rel_err(y.reshape(6, 48), want) < 1e-2
+
+
+def test_fused_gemm_4bit_rejects_unsupported_shapes(gen):
+    qt = converter.quantize((torch.randn(64, 96, generator=gen)).cuda(), "nf4", 32, False)
+    with pytest.raises(QuantizationInputError, match="17..128 rows with K % 64"):
+        kcuda.fused_gemm_4bit(torch.randn(20, 96, generator=gen).bfloat16().cuda(), qt)
 
 
 def test_quantize_cpu_tensor_on_cuda_device_same_bytes(gen):

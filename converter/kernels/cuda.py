@@ -28,7 +28,8 @@ from ..tensor import NestedAbsmax, QuantizedTensor
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _QUANT4 = {QuantType.NF4: 0, QuantType.FP4: 1}
 _E_NONFINITE = 2
-FUSED_MAX_ROWS = 16  # the fused kernel's batch limit (qckpt_cuda_gemm_4bit)
+FUSED_MAX_ROWS = 128  # the fused kernels' row limit (QCKPT_CUDA_GEMM_MAX_ROWS, qckpt_cuda_gemm_4bit)
+DECODE_MAX_ROWS = 16  # rows of the decode kernel, which needs K % 32 == 0 (the prefill kernel K % 64 == 0)
 
 
 @functools.cache
@@ -375,22 +376,47 @@ def _dequantize_torch(qt: QuantizedTensor, dtype) -> torch.Tensor:
 # ----- 4-bit matmul -----
 
 def fused_supported(rows: int, k: int, dtype: torch.dtype) -> bool:
-    """Whether gemv_4bit takes these activations (else gemm_4bit dequantizes and calls cuBLAS)."""
-    return 1 <= rows <= FUSED_MAX_ROWS and k % 32 == 0 and dtype in (torch.bfloat16, torch.float16)
+    """Whether fused_gemm_4bit takes these activations (else gemm_4bit dequantizes and calls cuBLAS)."""
+    if dtype not in (torch.bfloat16, torch.float16) or not 1 <= rows <= FUSED_MAX_ROWS:
+        return False
+    return k % (32 if rows <= DECODE_MAX_ROWS else 64) == 0
 
 
-def gemv_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
-    """Fused dequantize + matmul for decode: x (rows, K) bf16/fp16, rows <= 16 @ dequant(W (N, K))^T
+# Split-k workspaces of the prefill kernel, one per (device, stream): its tile counters must start zero
+# and every call leaves them zero, so a zero-filled buffer is reused for as long as it is large enough.
+# Per stream because two streams running at once must not share counters.
+_split_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _split_workspace(rows: int, n_out: int, k: int, device: torch.device) -> torch.Tensor | None:
+    """The zero-initialised workspace of one prefill-kernel call on the current stream (None: not needed)."""
+    ffi, lib = load()
+    nbytes = ffi.new("int64_t *")
+    _check(lib.qckpt_cuda_gemm_4bit_workspace(rows, n_out, k, nbytes))
+    if nbytes[0] == 0:
+        return None
+    key = (_cuda_device(device).index, torch.cuda.current_stream(device).cuda_stream)
+    ws = _split_workspaces.get(key)
+    if ws is None or ws.numel() < nbytes[0]:
+        ws = torch.zeros(nbytes[0], dtype=torch.uint8, device=device)
+        _split_workspaces[key] = ws
+    return ws
+
+
+def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
+    """Fused dequantize + matmul: x (rows, K) bf16/fp16, rows <= FUSED_MAX_ROWS @ dequant(W (N, K))^T
     -> (rows, N) in x.dtype. Weights are read once (4 bits each), products on the tensor cores with
-    float32 accumulation; no synchronization."""
-    _, lib = load()
+    float32 accumulation, deterministic; no synchronization. 1..16 rows take the decode kernel,
+    17..128 the tiled prefill kernel (which may split K through a cached per-stream workspace)."""
+    ffi, lib = load()
     n_out, k = weight.shape
     device = x.device
     x = _device_contiguous(x.reshape(-1, k), device)
     rows = x.shape[0]
     if not fused_supported(rows, k, x.dtype):
-        raise QuantizationInputError(f"fused 4-bit matmul needs 1..{FUSED_MAX_ROWS} bf16/fp16 rows and "
-                                     f"K % 32 == 0, got {rows} rows of {x.dtype}, K={k}")
+        raise QuantizationInputError(f"fused 4-bit matmul needs bf16/fp16 activations and 1..{DECODE_MAX_ROWS} rows "
+                                     f"with K % 32 == 0 or {DECODE_MAX_ROWS + 1}..{FUSED_MAX_ROWS} rows with K % 64 "
+                                     f"== 0, got {rows} rows of {x.dtype}, K={k}")
     if weight.device != device:
         raise QuantizationInputError(f"weight is on {weight.device} but the activations are on {device}")
     packed = weight.data.reshape(-1)
@@ -407,9 +433,10 @@ def gemv_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
         absmax = None if absmax is None else absmax.to(device=device, dtype=torch.float32).contiguous()
     scales = _scales(absmax, nested)
     with _on(device):
+        ws = None if rows <= DECODE_MAX_ROWS else _split_workspace(rows, n_out, k, device)
         _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, _ptr(packed, "uint8_t *"), scales,
-                                        n_out, k, weight.blocksize, _QUANT4[weight.quant_type], _ptr(y),
-                                        _stream(device)))
+                                        n_out, k, weight.blocksize, _QUANT4[weight.quant_type], _ptr(y), _ptr(ws),
+                                        0 if ws is None else ws.numel(), _stream(device)))
     return y
 
 
@@ -417,14 +444,14 @@ def gemm_4bit(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | Non
               workspace: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ dequant(W (N, K))^T + bias -> (..., N) in x.dtype, on x's CUDA device.
 
-    `weight` is a 4-bit QuantizedTensor on that device. Decode-sized inputs take gemv_4bit; larger ones
+    `weight` is a 4-bit QuantizedTensor on that device. Up to FUSED_MAX_ROWS rows take fused_gemm_4bit; larger ones
     dequantize W into `workspace` (flat CUDA tensor of x.dtype with >= N*K elements; None allocates)
     and multiply with cuBLAS. `bias` is added in x.dtype.
     """
     n_out, k = weight.shape
     rows = x.numel() // k if k else 0
     if available() and fused_supported(rows, k, x.dtype):
-        y = gemv_4bit(x, weight)
+        y = fused_gemm_4bit(x, weight)
     else:
         out = None if workspace is None else workspace.reshape(-1)[: n_out * k]
         w = dequantize(weight, x.dtype, out=out) if available() else _dequantize_torch(weight, x.dtype)

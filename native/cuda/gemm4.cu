@@ -1,8 +1,10 @@
-/* gemm4.cu -- launcher of the fused small-batch 4-bit matmul (kernels/gemm4.cuh): picks the batch tiles
- * (NT) and rows per warp (R) so the grid covers every multiprocessor at least twice. */
+/* gemm4.cu -- launchers of the fused 4-bit matmuls: kernels/gemm4.cuh for 1..16 rows (picks the batch
+ * tiles NT and rows per warp R so the grid covers every multiprocessor at least twice) and
+ * kernels/gemm4_tiled.cuh for 17..QCKPT_CUDA_GEMM_MAX_ROWS rows. */
 #include <algorithm>
 
 #include "kernels/gemm4.cuh"
+#include "kernels/gemm4_tiled.cuh"
 
 namespace {
 
@@ -34,11 +36,58 @@ void launch_shape(const void *x, int batch, const uint8_t *packed, const qk::Sca
     }
 }
 
+/* 17+ rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu measured fastest on an H100 for the
+ * Llama-8B MLP shapes (scripts/BENCHMARKS.md): 8 warps of 16 outputs each (a block covers 128 outputs),
+ * 32 batch rows per block and weights 4 k-tiles ahead up to 32 rows, 64 rows and 2 ahead above; k split
+ * so that the grid gives every multiprocessor two blocks. */
+using TiledSmall = qk::TiledShape<8, 1, 1, 4, 4>;
+using TiledLarge = qk::TiledShape<8, 1, 1, 8, 4>;
+constexpr int kTiledSmallRows = 32, kTiledBlocksPerSm = 2;
+
+struct TiledPlan {
+    bool small;
+    int splits;
+    int64_t workspace_bytes;
+};
+
+TiledPlan tiled_plan(int64_t batch, int64_t n_out, int64_t k) {
+    TiledPlan p;
+    p.small = batch <= kTiledSmallRows;
+    const int bm = p.small ? TiledSmall::BM : TiledLarge::BM;
+    const int64_t tiles = qk::ceil_div(n_out, TiledSmall::BN) * qk::ceil_div(batch, bm);
+    p.splits = qk::tiled_splits(tiles, k / qk::kTiledBK, qk::sm_count(), kTiledBlocksPerSm);
+    p.workspace_bytes = qk::tiled_workspace_bytes(p.splits, (int)batch, n_out);
+    return p;
+}
+
+template <typename T>
+cudaError_t launch_tiled(const TiledPlan &p, const void *x, int batch, const uint8_t *packed, const qk::Scales &sc,
+                         int64_t n_out, int64_t k, int log2_bs, int qt, void *y, void *ws, cudaStream_t s) {
+    const T *xt = static_cast<const T *>(x);
+    T *yt = static_cast<T *>(y);
+    if (p.small)
+        return qk::launch_gemm_4bit_tiled<T, TiledSmall, 4, 2>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
+                                                               p.splits, ws, s);
+    return qk::launch_gemm_4bit_tiled<T, TiledLarge, 2, 2>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, p.splits,
+                                                           ws, s);
+}
+
+bool tiled_supported(int64_t batch, int64_t k) {
+    return batch > 16 && batch <= QCKPT_CUDA_GEMM_MAX_ROWS && k % qk::kTiledBK == 0;
+}
+
 }  // namespace
+
+extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int64_t *bytes) {
+    if (!bytes) return qk::fail(QCKPT_E_INVALID, "NULL output pointer");
+    *bytes = tiled_supported(batch, k) && n_out > 0 ? tiled_plan(batch, n_out, k).workspace_bytes : 0;
+    return QCKPT_OK;
+}
 
 extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
                                              const qckpt_cuda_scales *scales, int64_t n_out, int64_t k,
-                                             int64_t blocksize, int32_t quant_type, void *y, void *stream) {
+                                             int64_t blocksize, int32_t quant_type, void *y, void *workspace,
+                                             int64_t workspace_bytes, void *stream) {
     if (!x || !packed || !y) return qk::fail(QCKPT_E_INVALID, "NULL data pointer");
     if (n_out <= 0 || k <= 0)
         return qk::fail(QCKPT_E_INVALID, "shapes must be positive: n_out %lld, k %lld", (long long)n_out, (long long)k);
@@ -50,11 +99,26 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64
     qk::Scales sc;
     qckpt_status st = qk::make_scales(scales, &sc);
     if (st != QCKPT_OK) return st;
-    if (batch < 1 || batch > 16 || k % 32 != 0 || !qk::aligned(x, 16) || !qk::aligned(packed, 16))
-        return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul needs 1..16 rows, k %% 32 == 0 and 16-byte alignment");
+    if (dtype != QCKPT_BF16 && dtype != QCKPT_F16)
+        return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes bfloat16 or float16 activations, not dtype %d", dtype);
+    if (!qk::aligned(x, 16) || !qk::aligned(packed, 16))
+        return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul needs 16-byte aligned activations and weights");
     cudaStream_t s = (cudaStream_t)stream;
-    if (dtype == QCKPT_BF16) launch_shape<__nv_bfloat16>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
-    else if (dtype == QCKPT_F16) launch_shape<__half>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
-    else return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes bfloat16 or float16 activations, not dtype %d", dtype);
+    if (batch >= 1 && batch <= 16 && k % 32 == 0) {
+        if (dtype == QCKPT_BF16) launch_shape<__nv_bfloat16>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
+        else launch_shape<__half>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
+        return qk::check_launch("gemm_4bit");
+    }
+    if (!tiled_supported(batch, k))
+        return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes 1..16 rows with k %% 32 == 0 or 17..%d rows with "
+                        "k %% 64 == 0, got %lld rows, k %lld", QCKPT_CUDA_GEMM_MAX_ROWS, (long long)batch, (long long)k);
+    const TiledPlan plan = tiled_plan(batch, n_out, k);
+    if (plan.workspace_bytes > 0 && (!workspace || workspace_bytes < plan.workspace_bytes))
+        return qk::fail(QCKPT_E_INVALID, "fused 4-bit matmul of %lld rows needs a workspace of %lld bytes, got %lld",
+                        (long long)batch, (long long)plan.workspace_bytes, (long long)(workspace ? workspace_bytes : 0));
+    const cudaError_t err = dtype == QCKPT_BF16
+        ? launch_tiled<__nv_bfloat16>(plan, x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, workspace, s)
+        : launch_tiled<__half>(plan, x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, workspace, s);
+    if (err != cudaSuccess) return qk::fail(QCKPT_E_INVALID, "gemm_4bit (%lld rows): %s", (long long)batch, cudaGetErrorString(err));
     return qk::check_launch("gemm_4bit");
 }

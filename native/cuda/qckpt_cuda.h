@@ -78,14 +78,24 @@ qckpt_status qckpt_cuda_quantize_int8_rowwise(const void *x, int32_t dtype, int6
 qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *scb, int64_t rows, int64_t cols,
                                                 void *out, int32_t out_dtype, void *stream);
 
-/* Fused 4-bit dequantize + matmul for small batches (decode):
+/* Fused 4-bit dequantize + matmul:
  *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out), x and y in `dtype` (QCKPT_BF16 or QCKPT_F16).
- * Weights are dequantized to float32 as qckpt_dequantize_4bit does, rounded to `dtype`, and multiplied on
- * the tensor cores with float32 accumulation. Needs 1 <= batch <= 16, k % 32 == 0, 16-byte aligned x and
- * packed. Returns QCKPT_E_UNSUPPORTED for shapes outside that (callers fall back to dequantize + GEMM). */
+ * Weights are dequantized as qckpt_dequantize_4bit does, rounded to `dtype` and multiplied on the tensor
+ * cores with float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs
+ * k % 32 == 0) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0), which may split k and
+ * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes; its counters must be zero
+ * before first use and every call leaves them zero, so one zero-filled workspace serves all later calls
+ * issued on one stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs
+ * outside that (callers fall back to dequantize + GEMM). */
+enum { QCKPT_CUDA_GEMM_MAX_ROWS = 128 };
+
+/* Workspace bytes qckpt_cuda_gemm_4bit needs for these shapes on the current device (0: none). */
+qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int64_t *bytes);
+
 qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
                                   const qckpt_cuda_scales *scales, int64_t n_out, int64_t k, int64_t blocksize,
-                                  int32_t quant_type, void *y, void *stream);
+                                  int32_t quant_type, void *y, void *workspace, int64_t workspace_bytes,
+                                  void *stream);
 
 /* ---- 8-bit optimizers (converter/optim; CPU original: qckpt_adamw8bit_step in qckpt.h) ----
  * The same steps on the device, with the same arguments plus the stream: every non-NaN parameter value,

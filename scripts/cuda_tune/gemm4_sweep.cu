@@ -106,7 +106,7 @@ static Problem make_problem(int64_t n_out, int64_t k) {
     CK(cudaMalloc(&p.y, kMaxBatch * n_out * 2));
     CK(cudaMalloc(&p.y_ref, kMaxBatch * n_out * 4));
     CK(cudaMalloc(&p.workspace, int64_t(16) * kMaxBatch * n_out * 4 + (1 << 20)));
-    CK(cudaMemset(p.workspace, 0, int64_t(16) * kMaxBatch * n_out * 4 + (1 << 20)));
+    CK(cudaMemset(p.workspace, 0, int64_t(16) * kMaxBatch * n_out * 4 + (1 << 20))); /* counters start zero */
     const int64_t outs = kMaxBatch * n_out;
     reference<<<(unsigned)ceil_div(outs, 256), 256>>>(p.x, kMaxBatch, p.packed[0], p.scales(0), n_out, k, p.y_ref);
     CK(cudaDeviceSynchronize());
@@ -190,7 +190,7 @@ static void sweep_gemv(Problem &p, int batch) {
     report("gemv", cfg, p, batch, 1, time_us(launch), err);
 }
 
-template <typename Shape, int MINB>
+template <typename Shape, int DEPTH, int MINB>
 static void sweep_tiled(Problem &p, int batch, int sms) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BN) * ceil_div(batch, Shape::BM), ktiles = p.k / kTiledBK;
     std::vector<int> splits_list = {1, 2, 4, 8, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2)};
@@ -199,21 +199,34 @@ static void sweep_tiled(Problem &p, int batch, int sms) {
     for (int splits : splits_list) {
         if (splits > 1 && ktiles / splits < 4) continue;
         auto launch = [&](int c) {
-            CK((launch_gemm_4bit_tiled<bf16, Shape, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
+            CK((launch_gemm_4bit_tiled<bf16, Shape, DEPTH, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
                                                             QCKPT_NF4, p.y, splits, p.workspace, 0)));
         };
         launch(0);
         CK(cudaDeviceSynchronize());
         const double err = rel_error(p, batch);
         char cfg[64];
-        snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d MINB%d", Shape::WN, Shape::WM, Shape::NT16, Shape::MT,
-                 Shape::STAGES, MINB);
+        snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d D%d MINB%d", Shape::WN, Shape::WM, Shape::NT16, Shape::MT,
+                 Shape::STAGES, DEPTH, MINB);
         report("tiled", cfg, p, batch, splits, time_us(launch), err);
     }
 }
 
 int main(int argc, char **argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
+    /* --profile: one launch each of the batch-1 and batch-128 production shapes, for a profiler */
+    if (argc > 1 && !strcmp(argv[1], "--profile")) {
+        Problem p = make_problem(14336, 4096);
+        int sms;
+        CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+        gemm_4bit_kernel<bf16, 1, 1, 4, 2, 4><<<(unsigned)ceil_div(p.n_out, 16), 128>>>(
+            p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6, QCKPT_NF4, p.y);
+        CK((launch_gemm_4bit_tiled<bf16, TiledShape<8, 1, 1, 8, 4>, 2, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out,
+                                                                           p.k, 6, QCKPT_NF4, p.y, 1, p.workspace, 0)));
+        CK(cudaDeviceSynchronize());
+        free_problem(p);
+        return 0;
+    }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -222,37 +235,33 @@ int main(int argc, char **argv) {
     for (auto &shape : shapes) {
         Problem p = make_problem(shape[0], shape[1]);
         for (int batch : {1, 8, 16}) {
-            sweep_gemv<1, 1, 8, 2, 2>(p, batch);
             sweep_gemv<1, 1, 4, 2, 4>(p, batch);
-            if (!quick) {
-                sweep_gemv<1, 2, 4, 2, 2>(p, batch);
-                sweep_gemv<1, 2, 8, 2, 1>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 1>(p, batch);
-                sweep_gemv<1, 1, 16, 2, 1>(p, batch);
-                sweep_gemv<1, 4, 4, 1, 2>(p, batch);
-                sweep_gemv<1, 2, 4, 1, 4>(p, batch);
-            }
+            sweep_gemv<1, 1, 8, 2, 2>(p, batch);
+            sweep_gemv<1, 2, 4, 2, 2>(p, batch);
+            sweep_gemv<1, 1, 4, 2, 3>(p, batch);
+            sweep_gemv<1, 1, 4, 1, 4>(p, batch);
+            sweep_gemv<2, 1, 4, 2, 2>(p, batch);
             sweep_gemv<2, 1, 4, 1, 4>(p, batch);
-            sweep_gemv<2, 1, 8, 1, 2>(p, batch);
             sweep_gemv<2, 2, 4, 1, 3>(p, batch);
-            if (!quick) {
-                sweep_gemv<2, 2, 8, 1, 1>(p, batch);
-                sweep_gemv<2, 1, 4, 2, 2>(p, batch);
-                sweep_gemv<2, 1, 16, 1, 1>(p, batch);
-            }
+            sweep_gemv<2, 1, 8, 1, 2>(p, batch);
         }
         for (int batch : {16, 32, 64, 128, 256}) {
-            if (batch <= 32) sweep_tiled<TiledShape<8, 1, 1, 2, 4>, 2>(p, batch, sms);
-            if (batch <= 64) sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 2>(p, batch, sms);
-            if (batch >= 32) sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2>(p, batch, sms);
+            if (batch <= 32) {
+                sweep_tiled<TiledShape<8, 1, 1, 2, 4>, 4, 2>(p, batch, sms);
+                sweep_tiled<TiledShape<8, 1, 1, 2, 4>, 6, 2>(p, batch, sms);
+                sweep_tiled<TiledShape<4, 1, 2, 2, 4>, 4, 4>(p, batch, sms);
+            }
+            if (batch <= 64 && batch >= 32) sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2>(p, batch, sms);
+            if (batch >= 32) sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 4, 2>(p, batch, sms);
             if (batch >= 64) {
-                sweep_tiled<TiledShape<4, 2, 2, 8, 3>, 1>(p, batch, sms);
-                sweep_tiled<TiledShape<8, 1, 1, 16, 3>, 1>(p, batch, sms);
-                sweep_tiled<TiledShape<4, 2, 1, 8, 4>, 2>(p, batch, sms);
+                sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
+                sweep_tiled<TiledShape<4, 2, 2, 8, 3>, 3, 1>(p, batch, sms);
+                sweep_tiled<TiledShape<8, 1, 1, 16, 3>, 3, 1>(p, batch, sms);
+                sweep_tiled<TiledShape<4, 2, 1, 8, 4>, 4, 2>(p, batch, sms);
                 if (!quick) {
-                    sweep_tiled<TiledShape<2, 4, 4, 4, 3>, 1>(p, batch, sms);
-                    sweep_tiled<TiledShape<4, 1, 2, 8, 4>, 2>(p, batch, sms);
-                    sweep_tiled<TiledShape<4, 2, 2, 8, 4>, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<2, 4, 4, 4, 3>, 2, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<4, 1, 2, 8, 4>, 4, 2>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 2, 8, 3>, 3, 1>(p, batch, sms);
                 }
             }
         }

@@ -140,10 +140,10 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
     }
 }
 
-/* grid: (n tiles, m tiles, splits). partials: splits * batch * n_out floats; counters: one per (n, m) tile,
- * zero on entry and left zero. Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
+/* grid: (n tiles, m tiles, splits). counters: one per (n, m) tile, zero on entry and left zero; partials:
+ * splits * batch * n_out floats. Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
  * aligned base) and 8-byte aligned packed. */
-template <typename T, typename Shape, int MINB>
+template <typename T, typename Shape, int DEPTH, int MINB>
 __global__ void __launch_bounds__(Shape::kThreads, MINB)
     gemm_4bit_tiled_kernel(const T *__restrict__ x, int batch, const uint8_t *__restrict__ packed, Scales scales,
                            int64_t n_out, int64_t k, int log2_bs, int quant_type, T *__restrict__ y,
@@ -176,28 +176,36 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
 #pragma unroll
             for (int q = 0; q < 4; q++) acc[i][mt][q] = 0.0f;
 
-    /* pipeline: x tiles STAGES - 1 ahead in shared memory, weights two k-tiles ahead in registers */
+    /* x tiles STAGES - 1 ahead in shared memory */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < nk) tiled_load_x<Shape>(smem_x + s * Shape::kStageBytes, x, batch, k, m0, kt0 + s);
         cp_async_commit();
     }
-    TiledWFrag<NT16> cur, nxt;
-    if (nk > 0) tiled_load_w<NT16>(cur, packed, scales, n_out, k, log2_bs, row0, kt0, g, t);
-    if (nk > 1) tiled_load_w<NT16>(nxt, packed, scales, n_out, k, log2_bs, row0, kt0 + 1, g, t);
+    /* weights: a ring of DEPTH k-tiles in registers (slot d holds k-tile base + d; unrolled so that the
+     * slot index is a compile-time constant and the ring stays in registers) */
+    TiledWFrag<NT16> ring[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; d++)
+        if (d < nk) tiled_load_w<NT16>(ring[d], packed, scales, n_out, k, log2_bs, row0, kt0 + d, g, t);
     __syncthreads(); /* the tables */
-    for (int64_t it = 0; it < nk; it++) {
-        cp_async_wait<STAGES - 2>();
-        __syncthreads(); /* stage `it` landed for every thread; stage `it - 1` is free again */
-        if (it + STAGES - 1 < nk)
-            tiled_load_x<Shape>(smem_x + ((it + STAGES - 1) % STAGES) * Shape::kStageBytes, x, batch, k, m0,
-                                kt0 + it + STAGES - 1);
-        cp_async_commit();
-        TiledWFrag<NT16> far;
-        if (it + 2 < nk) tiled_load_w<NT16>(far, packed, scales, n_out, k, log2_bs, row0, kt0 + it + 2, g, t);
-        tiled_compute<T, Shape>(smem_x + (it % STAGES) * Shape::kStageBytes, cur, tab, scales, code, wm, g, t, acc);
-        cur = nxt;
-        nxt = far;
+    for (int64_t base = 0; base < nk; base += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; d++) {
+            const int64_t it = base + d;
+            if (it >= nk) break;
+            cp_async_wait<STAGES - 2>();
+            __syncthreads(); /* stage `it` landed for every thread; stage `it - 1` is free again */
+            if (it + STAGES - 1 < nk)
+                tiled_load_x<Shape>(smem_x + ((it + STAGES - 1) % STAGES) * Shape::kStageBytes, x, batch, k, m0,
+                                    kt0 + it + STAGES - 1);
+            cp_async_commit();
+            const TiledWFrag<NT16> cur = ring[d];
+            if (it + DEPTH < nk)
+                tiled_load_w<NT16>(ring[d], packed, scales, n_out, k, log2_bs, row0, kt0 + it + DEPTH, g, t);
+            tiled_compute<T, Shape>(smem_x + (it % STAGES) * Shape::kStageBytes, cur, tab, scales, code, wm, g, t,
+                                    acc);
+        }
     }
     cp_async_wait<0>();
 
@@ -233,33 +241,37 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     if (threadIdx.x == 0) counters[tile] = 0;
 }
 
+/* The workspace starts with kTiledMaxCounters tile counters (a fixed region, so that calls of any shape
+ * find them zero), then the float32 partial sums. Grids with more tiles never split k. */
+constexpr int64_t kTiledMaxCounters = 1024;
+
 /* Splits of k for a grid of `tiles` output tiles: enough blocks to give every multiprocessor
  * `blocks_per_sm` of them, each split keeping >= 8 k-tiles, at most 16. */
 inline int tiled_splits(int64_t tiles, int64_t ktiles, int sms, int blocks_per_sm) {
+    if (tiles > kTiledMaxCounters) return 1;
     int64_t s = (int64_t(sms) * blocks_per_sm) / tiles;
     s = std::min<int64_t>(s, ktiles / 8);
     s = std::min<int64_t>(s, 16);
     return int(std::max<int64_t>(s, 1));
 }
 
-/* Workspace bytes of a launch: float32 partials for every split, then one int counter per tile. */
-inline int64_t tiled_workspace_bytes(int64_t tiles, int splits, int batch, int64_t n_out) {
-    return splits > 1 ? int64_t(splits) * batch * n_out * 4 + tiles * 4 : 0;
+/* Workspace bytes of a launch that splits k `splits` ways (0 when it does not). */
+inline int64_t tiled_workspace_bytes(int splits, int batch, int64_t n_out) {
+    return splits > 1 ? kTiledMaxCounters * 4 + int64_t(splits) * batch * n_out * 4 : 0;
 }
 
 /* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
-template <typename T, typename Shape, int MINB>
+template <typename T, typename Shape, int DEPTH, int MINB>
 cudaError_t launch_gemm_4bit_tiled(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                    int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace,
                                    cudaStream_t s) {
-    auto kernel = gemm_4bit_tiled_kernel<T, Shape, MINB>;
-    if (Shape::kSmemBytes > 48 * 1024) { /* the opt-in is per device; cheap next to the launch */
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
-        if (err != cudaSuccess) return err;
-    }
+    auto kernel = gemm_4bit_tiled_kernel<T, Shape, DEPTH, MINB>;
+    /* dynamic + static shared memory above 48 KiB needs the opt-in, which is per device: set it each time */
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+    if (err != cudaSuccess) return err;
     const int64_t n_tiles = ceil_div(n_out, Shape::BN), m_tiles = ceil_div(batch, Shape::BM);
-    float *partials = static_cast<float *>(workspace);
-    int *counters = splits > 1 ? reinterpret_cast<int *>(partials + int64_t(splits) * batch * n_out) : nullptr;
+    int *counters = splits > 1 ? static_cast<int *>(workspace) : nullptr;
+    float *partials = splits > 1 ? reinterpret_cast<float *>(counters + kTiledMaxCounters) : nullptr;
     kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), Shape::kThreads, Shape::kSmemBytes, s>>>(
         x, batch, packed, sc, n_out, k, log2_bs, qt, y, partials, counters);
     return cudaGetLastError();
