@@ -231,6 +231,46 @@ def test_paged_state_is_managed_and_equals_adamw8bit(gen):
             assert _difference(key, value, plain.state[p][key]) is None
 
 
+def test_paged_state_shares_one_allocation_per_parameter(gen, tmp_path):
+    """A parameter's paged state is one managed allocation (one prefetch per step): its tensors lie inside
+    it, 16-byte aligned and disjoint; after a state_dict round trip (one allocation per tensor) the steps
+    still equal AdamW8bit's."""
+    params = _params(gen, DEV, torch.float32)
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    grads = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params] for _ in range(4)]
+    paged = _run(PagedAdamW8bit, params, grads[:2], 2)
+    for p in params:
+        tensors = [v for k, v in paged.state[p].items() if k != "step"]
+        arena = paged._arenas[p]
+        spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors)
+        assert spans[0][0] == arena.data_ptr() and spans[-1][1] <= arena.data_ptr() + arena.numel()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) and all(lo % 16 == 0 for lo, _ in spans)
+    path = tmp_path / "paged.pt"
+    torch.save(paged.state_dict(), path)
+    plain = _run(AdamW8bit, plain_params, grads[:2], 2)
+    resumed = PagedAdamW8bit(params)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    for step_grads in grads[2:]:
+        for p, q, g in zip(params, plain_params, step_grads):
+            p.grad, q.grad = g.to(DEV, p.dtype), g.to(DEV, q.dtype)
+        resumed.step()
+        plain.step()
+    for p, q in zip(params, plain_params):
+        assert _difference("param", p, q) is None
+
+
+def test_moved_parameter_is_a_clear_error(gen):
+    """State made on one device and a parameter moved elsewhere afterwards: an error, not a bad launch."""
+    p = torch.nn.Parameter(torch.randn(8192, generator=gen).to(DEV))
+    opt = AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    p.data = p.data.cpu()
+    p.grad = torch.randn_like(p)
+    with pytest.raises(OptimizerError):
+        opt.step()
+
+
 def test_managed_memory_helpers():
     """managed_empty gives a writable CUDA tensor in managed memory; prefetch to host and back keeps it."""
     t = optim_cuda.managed_empty(1000, torch.float32, DEV)

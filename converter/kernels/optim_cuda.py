@@ -37,15 +37,8 @@ def adamw8bit_step(param, grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_m
     device = _cuda(param, "parameter", name)
     n = check_param_and_grad(param, grad, name, device)
     check_8bit_state(n, blocksize, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, name, device)
-    ffi, lib = load()
-    with _on(device):
-        status = lib.qckpt_cuda_adamw8bit_step(
-            _ptr(param), DTYPES[param.dtype], _ptr(grad), DTYPES[grad.dtype], n,
-            _ptr(m_codes, "uint8_t *"), _ptr(m_absmax, "float *"), _ptr(m_map, "float *"),
-            _ptr(v_codes, "uint8_t *"), _ptr(v_absmax, "float *"), _ptr(v_map, "float *"), blocksize,
-            hparams(ffi, scalars), _stream(device),
-        )
-    _check(status, name)
+    launch_adamw8bit(StepLaunches(device), param, grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map, scalars,
+                     blocksize, name)
 
 
 def adamw32_step(param, grad, exp_avg, exp_avg_sq, scalars, *, name=""):
@@ -54,13 +47,61 @@ def adamw32_step(param, grad, exp_avg, exp_avg_sq, scalars, *, name=""):
     n = check_param_and_grad(param, grad, name, device)
     check_tensor(exp_avg, "first moment", name, torch.float32, n, device)
     check_tensor(exp_avg_sq, "second moment", name, torch.float32, n, device)
-    ffi, lib = load()
-    with _on(device):
-        status = lib.qckpt_cuda_adamw32_step(
-            _ptr(param), DTYPES[param.dtype], _ptr(grad), DTYPES[grad.dtype], n, _ptr(exp_avg, "float *"),
-            _ptr(exp_avg_sq, "float *"), hparams(ffi, scalars), _stream(device),
+    launch_adamw32(StepLaunches(device), param, grad, exp_avg, exp_avg_sq, scalars, name)
+
+
+class StepLaunches:
+    """What every parameter of one optimizer step on one device shares: the stream and the hyper-parameter
+    structs (one per distinct scalars object). With it, launch_adamw8bit / launch_adamw32 cost a cffi call
+    per parameter; the checked adamw8bit_step / adamw32_step re-validate every tensor on each call, which
+    made a step over many small tensors host-bound (~30 us of Python per parameter)."""
+
+    def __init__(self, device: torch.device):
+        self.ffi, self.lib = load()
+        self.device = device
+        self.stream = _stream(device)
+        self._hparams = {}
+
+    def hparams(self, scalars):
+        entry = self._hparams.get(id(scalars))
+        if entry is None:  # keep `scalars` referenced so its id stays unique for this object's life
+            entry = self._hparams[id(scalars)] = (scalars, hparams(self.ffi, scalars))
+        return entry[1]
+
+
+def launch_adamw8bit(launches: StepLaunches, param, grad, m_codes, m_absmax, m_map, v_codes, v_absmax, v_map,
+                     scalars, blocksize: int, name: str = "") -> None:
+    """adamw8bit_step without the Python-side checks, for callers that made (or validated) the state
+    themselves and checked param and grad: contiguous, on launches.device, matching sizes. The C side still
+    checks its arguments and returns a status."""
+    lib = launches.lib
+    with _on(launches.device):
+        status = lib.qckpt_cuda_adamw8bit_step(
+            _ptr(param), DTYPES[param.dtype], _ptr(grad), DTYPES[grad.dtype], param.numel(),
+            _ptr(m_codes, "uint8_t *"), _ptr(m_absmax, "float *"), _ptr(m_map, "float *"),
+            _ptr(v_codes, "uint8_t *"), _ptr(v_absmax, "float *"), _ptr(v_map, "float *"), blocksize,
+            launches.hparams(scalars), launches.stream,
         )
     _check(status, name)
+
+
+def launch_adamw32(launches: StepLaunches, param, grad, exp_avg, exp_avg_sq, scalars, name: str = "") -> None:
+    """adamw32_step without the Python-side checks (the conditions of launch_adamw8bit)."""
+    with _on(launches.device):
+        status = launches.lib.qckpt_cuda_adamw32_step(
+            _ptr(param), DTYPES[param.dtype], _ptr(grad), DTYPES[grad.dtype], param.numel(),
+            _ptr(exp_avg, "float *"), _ptr(exp_avg_sq, "float *"), launches.hparams(scalars), launches.stream,
+        )
+    _check(status, name)
+
+
+def launch_prefetch(launches: StepLaunches, tensor: torch.Tensor) -> None:
+    """prefetch() of a managed tensor on launches.device to that device, without the Python-side checks."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes:
+        with _on(launches.device):
+            _check(launches.lib.qckpt_cuda_prefetch(_ptr(tensor), nbytes, launches.device.index, launches.stream),
+                   "prefetch")
 
 
 def check_map(code_map: torch.Tensor, what: str) -> torch.Tensor:

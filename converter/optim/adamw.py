@@ -74,6 +74,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 raise OptimizerError(f"param group {gi}: AdamW8bit does not support amsgrad=True")
             beta1, beta2 = group["betas"]
             scalars_by_step = {}  # parameters of a group are usually on the same step: compute once
+            launches = {}  # CUDA devices -> their shared launch arguments for this step
             for pi, param in enumerate(group["params"]):
                 if param.grad is None or param.numel() == 0:
                     continue
@@ -82,7 +83,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 state = self.state[param]
                 if not state:
                     _init_state(param, state, group.get("min_8bit_size", self.defaults["min_8bit_size"]),
-                                self._new_state)
+                                self._allocate_state)
                 state["step"] += 1
                 step = int(state["step"].item())
                 if step not in scalars_by_step:
@@ -90,7 +91,7 @@ class AdamW8bit(torch.optim.Optimizer):
                         lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], step=step, maximize=group.get("maximize", False),
                     )
-                self._update(param, grad, state, scalars_by_step[step], name)
+                self._update(param, grad, state, scalars_by_step[step], name, launches)
         return loss
 
     def _checked_grad(self, param, name):
@@ -107,19 +108,28 @@ class AdamW8bit(torch.optim.Optimizer):
                                  f"parameter {tuple(param.shape)} on {param.device}")
         return grad.contiguous()
 
-    def _update(self, param, grad, state, scalars, name):
+    def _update(self, param, grad, state, scalars, name, launches):
         # The kernel writes through the pointer: a non-contiguous parameter is stepped in a copy.
         target = param.data if param.data.is_contiguous() else param.data.contiguous()
-        # The kernels check that every state tensor is on the parameter's device (a clear error if not).
         if param.device.type == "cuda":
+            # The unchecked launches: this optimizer made the state (or validated it on load, including
+            # its device), _checked_grad checked the gradient, and the C side checks its arguments.
             from ..kernels import optim_cuda
 
-            m_map, v_map = self._maps_on(param.device)
+            device = param.device
+            shared = launches.get(device)
+            if shared is None:
+                shared = launches[device] = optim_cuda.StepLaunches(device)
+            if next(v for k, v in state.items() if k != "step").device != device:
+                raise OptimizerError(f"{name} is on {device} but its optimizer state is not (was the model moved "
+                                     "after the first step? move it before creating the optimizer)")
+            self._before_cuda_update(param, state, shared)
             if "state1" in state:
-                optim_cuda.adamw8bit_step(target, grad, state["state1"], state["absmax1"], m_map, state["state2"],
-                                          state["absmax2"], v_map, scalars, blocksize=BLOCKSIZE, name=name)
+                m_map, v_map = self._maps_on(device)
+                optim_cuda.launch_adamw8bit(shared, target, grad, state["state1"], state["absmax1"], m_map,
+                                            state["state2"], state["absmax2"], v_map, scalars, BLOCKSIZE, name)
             else:
-                optim_cuda.adamw32_step(target, grad, state["exp_avg"], state["exp_avg_sq"], scalars, name=name)
+                optim_cuda.launch_adamw32(shared, target, grad, state["exp_avg"], state["exp_avg_sq"], scalars, name)
         else:
             from ..kernels import optim_cpu
 
@@ -135,6 +145,9 @@ class AdamW8bit(torch.optim.Optimizer):
         if target.data_ptr() != param.data.data_ptr():
             param.data.copy_(target)
 
+    def _before_cuda_update(self, param, state, launches) -> None:
+        """Hook run before a CUDA parameter's step (PagedAdamW8bit prefetches its state here)."""
+
     def _maps_on(self, device: torch.device) -> tuple:
         """The code maps on a CUDA device, copied there (and checked) once."""
         maps_there = self._device_maps.get(device)
@@ -145,6 +158,10 @@ class AdamW8bit(torch.optim.Optimizer):
         return maps_there
 
     # ---- state memory (PagedAdamW8bit allocates it elsewhere) ----
+
+    def _allocate_state(self, param, specs) -> list:
+        """New 1-D state tensors on param's device, one per (numel, dtype, fill) of `specs`."""
+        return [self._new_state(numel, dtype, param.device, fill) for numel, dtype, fill in specs]
 
     def _new_state(self, numel: int, dtype: torch.dtype, device: torch.device, fill) -> torch.Tensor:
         """A new 1-D state tensor of `numel` elements filled with `fill`."""
@@ -184,19 +201,17 @@ def _describe(gi: int, pi: int, param) -> str:
     return f"param group {gi} parameter {pi} {tuple(param.shape)}"
 
 
-def _init_state(param, state, min_8bit_size: int, new) -> None:
-    """Zero moments, from `new(numel, dtype, device, fill)` (AdamW8bit._new_state)."""
-    n, device = param.numel(), param.device
+def _init_state(param, state, min_8bit_size: int, allocate) -> None:
+    """Zero moments, from `allocate(param, [(numel, dtype, fill), ...])` (AdamW8bit._allocate_state)."""
+    n = param.numel()
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     if n >= min_8bit_size:
         nb = -(-n // BLOCKSIZE)
-        state["state1"] = new(n, torch.uint8, device, _ZERO_CODE_SIGNED)
-        state["absmax1"] = new(nb, torch.float32, device, 0.0)
-        state["state2"] = new(n, torch.uint8, device, 0)
-        state["absmax2"] = new(nb, torch.float32, device, 0.0)
+        specs = [(n, torch.uint8, _ZERO_CODE_SIGNED), (nb, torch.float32, 0.0), (n, torch.uint8, 0),
+                 (nb, torch.float32, 0.0)]
+        state["state1"], state["absmax1"], state["state2"], state["absmax2"] = allocate(param, specs)
     else:
-        state["exp_avg"] = new(n, torch.float32, device, 0.0)
-        state["exp_avg_sq"] = new(n, torch.float32, device, 0.0)
+        state["exp_avg"], state["exp_avg_sq"] = allocate(param, [(n, torch.float32, 0.0), (n, torch.float32, 0.0)])
 
 
 def _validate_state(param, state, where: str) -> None:

@@ -20,6 +20,14 @@ class PagedAdamW8bit(AdamW8bit):
     """AdamW8bit (same arguments) with its state in CUDA unified memory; every parameter must be on a
     CUDA device, and the CUDA extension built (`python native/ffi/build_cuda.py`)."""
 
+    def __init__(self, params, *args, **kwargs):
+        self._arenas = {}  # parameter -> the managed allocation holding all of its state
+        super().__init__(params, *args, **kwargs)
+
+    def load_state_dict(self, state_dict):
+        self._arenas.clear()  # loaded state comes in allocations of its own
+        super().load_state_dict(state_dict)
+
     def add_param_group(self, param_group):
         """As torch's (the constructor adds its groups through it too); CPU parameters are refused."""
         super().add_param_group(param_group)
@@ -27,14 +35,39 @@ class PagedAdamW8bit(AdamW8bit):
         for pi, param in enumerate(self.param_groups[gi]["params"]):
             _require_cuda(param, f"param group {gi} parameter {pi} {tuple(param.shape)}")
 
-    def _update(self, param, grad, state, scalars, name):
+    def _update(self, param, grad, state, scalars, name, launches):
         _require_cuda(param, name)
+        super()._update(param, grad, state, scalars, name, launches)
+
+    def _before_cuda_update(self, param, state, launches):
+        # One prefetch for a parameter whose state shares one allocation (as _allocate_state makes it);
+        # loaded state has one allocation per tensor. A prefetch of memory already on the device is cheap
+        # on the GPU but costs a driver call on the host, hence one call per parameter, not per tensor.
         from ..kernels import optim_cuda
 
+        arena = self._arenas.get(param)
+        if arena is not None and arena.data_ptr() == state.get("state1", state.get("exp_avg")).data_ptr():
+            optim_cuda.launch_prefetch(launches, arena)
+            return
         for key, value in state.items():
             if key != "step" and isinstance(value, torch.Tensor):
-                optim_cuda.prefetch(value, param.device)
-        super()._update(param, grad, state, scalars, name)
+                optim_cuda.launch_prefetch(launches, value)
+
+    def _allocate_state(self, param, specs):
+        """All of a parameter's state in one managed allocation (16-byte aligned pieces)."""
+        from ..kernels import optim_cuda
+
+        offsets, total = [], 0
+        for numel, dtype, _ in specs:
+            offsets.append(total)
+            total += -(-numel * torch.empty((), dtype=dtype).element_size() // 16) * 16
+        arena = optim_cuda.managed_empty(total, torch.uint8, param.device)
+        self._arenas[param] = arena
+        pieces = []
+        for (numel, dtype, fill), offset in zip(specs, offsets):
+            size = numel * torch.empty((), dtype=dtype).element_size()
+            pieces.append(arena[offset:offset + size].view(dtype).fill_(fill))
+        return pieces
 
     def _new_state(self, numel, dtype, device, fill):
         from ..kernels import optim_cuda
