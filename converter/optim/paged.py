@@ -24,6 +24,15 @@ class PagedAdamW8bit(AdamW8bit):
         self._arenas = {}  # parameter -> the managed allocation holding all of its state
         super().__init__(params, *args, **kwargs)
 
+    def state_dict(self):
+        """As torch's, with every state tensor copied out of its parameter's shared allocation: torch.save
+        refuses tensors of different dtypes viewing one storage (the codes and absmax of _allocate_state)."""
+        saved = super().state_dict()
+        saved["state"] = {pid: {k: v.clone() if isinstance(v, torch.Tensor) and k != "step" else v
+                                for k, v in values.items()}
+                          for pid, values in saved["state"].items()}
+        return saved
+
     def load_state_dict(self, state_dict):
         self._arenas.clear()  # loaded state comes in allocations of its own
         super().load_state_dict(state_dict)
