@@ -94,7 +94,8 @@ int main(int argc, char **argv) {
 @pytest.mark.slow
 def test_exact_mean_rounding_matches_reference(tmp_path, gen):
     """mean_from_bins (the device's exact mean, compiled for the host) rounds like exact_mean_f32 on
-    wide exponent spreads, subnormals, equal values and ties."""
+    wide exponent spreads (the big-integer path), spans at the 128-bit path's limit, subnormals, equal
+    values and ties."""
     build = _build_module()
     nvcc = build.find_nvcc()
     if nvcc is None:
@@ -105,17 +106,21 @@ def test_exact_mean_rounding_matches_reference(tmp_path, gen):
                     "-o", str(exe), str(tmp_path / "mean.cu")], check=True, capture_output=True)
     cases = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0**-24]), torch.tensor([1.0, 2.0**-23, 0.0]),
              torch.tensor([2.0**-149] * 3), torch.tensor([3.4e38] * 5)]
-    for i in range(40):
+    for i in range(60):
         n = int(torch.randint(1, 3000, (1,), generator=gen))
-        kind = i % 4
+        kind = i % 5
         if kind == 0:
             v = torch.rand(n, generator=gen)
         elif kind == 1:
             v = torch.rand(n, generator=gen) * torch.exp2(torch.randint(-140, 120, (n,), generator=gen).float())
         elif kind == 2:
             v = torch.randint(0, 2**24, (n,), generator=gen).float() * 2.0**-149
-        else:
+        elif kind == 3:
             v = torch.full((n,), float(torch.rand(1, generator=gen)))
+        else:  # exponent spans around the 128-bit path's limit (56) and just past it
+            span = 50 + i % 12
+            v = (torch.rand(n, generator=gen) + 0.5) * torch.exp2(torch.randint(-20, -20 + span, (n,), generator=gen).float())
+            v[0], v[-1] = 2.0**-20, 2.0 ** (-21 + span)
         cases.append(v.float())
     for v in cases:
         path = tmp_path / "in.bin"

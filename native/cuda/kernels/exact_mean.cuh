@@ -35,23 +35,17 @@ __host__ __device__ inline int lowbit32(uint32_t v) {
 #endif
 }
 
-/* nonzero: 8 words marking the nonzero bins (the kernel finds them with ballots; one thread walking
- * all 256 bins cost microseconds), or NULL to scan. limb_store: kLimbs words of scratch (the kernel passes
- * shared memory), or NULL for a local array. Why: a local array indexed by the runtime exponent cannot
- * live in registers, and ptxas turned every such access into a select chain over all kLimbs registers
- * (2.7k PTX lines executed by one thread); through a pointer each access is one load or store. */
-__host__ __device__ inline float mean_from_bins(const unsigned long long *bins, unsigned long long count,
-                                                const uint32_t *nonzero = nullptr, uint32_t *limb_store = nullptr) {
+/* The general path of mean_from_bins for any exponent span: the sum as a big integer of 16-bit limbs
+ * (limb_store: kLimbs words of scratch, or NULL for a local array -- see mean_from_bins), then its top 64
+ * bits T from bit E on and whether any lower bit is set. False when the sum is zero. */
+__host__ __device__ inline bool mean_from_limbs(const unsigned long long *bins, const uint32_t *marks_of,
+                                                 uint32_t *limb_store, unsigned long long &T, int &E, bool &sticky) {
     uint32_t own[kLimbs];
     uint32_t *limb = limb_store ? limb_store : own;
     for (int i = 0; i < kLimbs; i++) limb[i] = 0;
     int top = -1;
     for (int w = 0; w < 8; w++) {
-        uint32_t marks = 0;
-        if (nonzero) marks = nonzero[w];
-        else
-            for (int j = 0; j < 32; j++) marks |= uint32_t(bins[w * 32 + j] != 0) << j;
-        for (; marks; marks &= marks - 1) {
+        for (uint32_t marks = marks_of[w]; marks; marks &= marks - 1) {
             const int e = w * 32 + lowbit32(marks);
             const unsigned long long v = bins[e];
             const int li = e >> 4, sh = e & 15;
@@ -67,16 +61,72 @@ __host__ __device__ inline float mean_from_bins(const unsigned long long *bins, 
             }
         }
     }
-    if (top < 0) return 0.0f;
+    if (top < 0) return false;
     const int p = top * 16 + hibit32(limb[top]); /* highest set bit of the sum */
-    const int E = p - 63; /* T = bits [E, E + 64) of the sum; E < 0 shifts left, exactly */
+    E = p - 63; /* T = bits [E, E + 64) of the sum; E < 0 shifts left, exactly */
     const int lo_li = E > 0 ? E >> 4 : 0;
     unsigned __int128 acc = 0; /* bits [16 * lo_li, p]: at most 5 limbs, 80 bits */
     for (int li = top; li >= lo_li; li--) acc = (acc << 16) | limb[li];
     const int sh = E - 16 * lo_li; /* >= 0 unless E < 0 (then lo_li == 0 and sh == E) */
-    const unsigned long long T = sh >= 0 ? (unsigned long long)(acc >> sh) : (unsigned long long)(acc << -sh);
-    bool sticky = sh > 0 && (acc & ((((unsigned __int128)1) << sh) - 1)) != 0; /* sum bits below E */
+    T = sh >= 0 ? (unsigned long long)(acc >> sh) : (unsigned long long)(acc << -sh);
+    sticky = sh > 0 && (acc & ((((unsigned __int128)1) << sh) - 1)) != 0; /* sum bits below E */
     for (int li = 0; li < lo_li && !sticky; li++) sticky = limb[li] != 0;
+    return true;
+}
+
+__host__ __device__ inline int hibit64(unsigned long long v) {
+#ifdef __CUDA_ARCH__
+    return 63 - __clzll((long long)v);
+#else
+    return 63 - __builtin_clzll(v);
+#endif
+}
+
+/* Nonzero bins spanning at most this many exponents take the 128-bit path: each bin is < 2^63, shifted by
+ * <= 56 it stays below 2^119, and <= 57 of them sum below 2^125. Why: the general path (big integer of
+ * 16-bit limbs, carries run by one thread) cost ~10 us per call on the H100, most of the exact mean's time;
+ * block absmax of a weight usually span a few dozen exponents at most. */
+constexpr int kFastSpan = 56;
+
+/* nonzero: 8 words marking the nonzero bins (the kernel finds them with ballots; one thread walking
+ * all 256 bins cost microseconds), or NULL to scan. limb_store: kLimbs words of scratch (the kernel passes
+ * shared memory), or NULL for a local array. Why: a local array indexed by the runtime exponent cannot
+ * live in registers, and ptxas turned every such access into a select chain over all kLimbs registers
+ * (2.7k PTX lines executed by one thread); through a pointer each access is one load or store. */
+__host__ __device__ inline float mean_from_bins(const unsigned long long *bins, unsigned long long count,
+                                                const uint32_t *nonzero = nullptr, uint32_t *limb_store = nullptr) {
+    uint32_t marks_of[8];
+    int e_min = 256, e_max = -1;
+    for (int w = 0; w < 8; w++) {
+        uint32_t marks = 0;
+        if (nonzero) marks = nonzero[w];
+        else
+            for (int j = 0; j < 32; j++) marks |= uint32_t(bins[w * 32 + j] != 0) << j;
+        marks_of[w] = marks;
+        if (marks) {
+            e_min = e_min < 256 ? e_min : w * 32 + lowbit32(marks);
+            e_max = w * 32 + hibit32(marks);
+        }
+    }
+    if (e_max < 0) return 0.0f;
+    unsigned long long T; /* bits [E, E + 64) of the sum, whose highest set bit is E + 63 */
+    int E;
+    bool sticky; /* a sum bit below E is set */
+    if (e_max - e_min <= kFastSpan) {
+        unsigned __int128 acc = 0; /* the sum / 2^e_min */
+        for (int w = 0; w < 8; w++)
+            for (uint32_t marks = marks_of[w]; marks; marks &= marks - 1) {
+                const int e = w * 32 + lowbit32(marks);
+                acc += (unsigned __int128)bins[e] << (e - e_min);
+            }
+        const unsigned long long hi = (unsigned long long)(acc >> 64), lo = (unsigned long long)acc;
+        const int sh = (hi ? 64 + hibit64(hi) : hibit64(lo)) - 63; /* E - e_min */
+        E = e_min + sh;
+        T = sh >= 0 ? (unsigned long long)(acc >> sh) : (unsigned long long)(acc << -sh);
+        sticky = sh > 0 && (acc & ((((unsigned __int128)1) << sh) - 1)) != 0;
+    } else if (!mean_from_limbs(bins, marks_of, limb_store, T, E, sticky)) {
+        return 0.0f; /* not reached: some bin is nonzero */
+    }
     const unsigned long long Q = T / count;
     sticky = sticky || T - Q * count != 0;
     const int P = (Q >> 32) ? 32 + hibit32((uint32_t)(Q >> 32)) : hibit32((uint32_t)Q); /* Q >= 2^24 */
