@@ -306,3 +306,69 @@ def test_mixed_devices_in_one_group(gen):
     assert opt.state[mixed[0]]["state1"].device == DEV and opt.state[mixed[1]]["exp_avg"].device.type == "cpu"
     for a, b in zip(cpu_params, mixed):
         assert _difference("param", b, a) is None
+
+
+def _layouts(device, gen):
+    """Parameters in every layout a step meets: many small ones (more than one multi-tensor launch
+    holds), 8-bit ones in fp32 and bf16, one not 16-byte aligned (stepped alone), one non-contiguous
+    (stepped in a copy), split over two groups with different learning rates."""
+    base = torch.randn(8193, generator=gen)
+    unaligned = torch.nn.Parameter(base.to(device)[1:])
+    assert unaligned.data_ptr() % 16 != 0
+    transposed = torch.nn.Parameter(torch.randn(64, 128, generator=gen).to(device).t())
+    assert not transposed.is_contiguous()
+    small = [torch.nn.Parameter(torch.randn(int(n), generator=gen).to(device))
+             for n in torch.randint(1, 700, (600,), generator=gen)]
+    big = [torch.nn.Parameter(torch.randn(5000, generator=gen).to(device)),
+           torch.nn.Parameter(torch.randn(70, 257, generator=gen).to(device=device, dtype=torch.bfloat16))]
+    return [{"params": small + big[:1], "lr": 1e-3}, {"params": [unaligned, transposed, big[1]], "lr": 3e-3}]
+
+
+def test_many_parameters_stepped_together_equal_cpu():
+    """AdamW8bit steps a device's parameters in multi-tensor launches (one per kind of state and dtype
+    pair, at most QCKPT_CUDA_ADAM_MULTI_MAX parameters each) and the rest one by one: over three steps the
+    parameters and every state tensor equal the CPU optimizer's, bit for bit."""
+    cpu_groups = _layouts("cpu", torch.Generator().manual_seed(5))
+    gpu_groups = _layouts(DEV, torch.Generator().manual_seed(5))
+    cpu_opt, gpu_opt = AdamW8bit(cpu_groups, weight_decay=0.01), AdamW8bit(gpu_groups, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(6)
+    cpu_params = [p for g in cpu_groups for p in g["params"]]
+    gpu_params = [p for g in gpu_groups for p in g["params"]]
+    for _ in range(3):
+        for p, q in zip(cpu_params, gpu_params):
+            g = torch.randn(p.shape, generator=gen) * 1e-2
+            p.grad, q.grad = g.to(p.dtype), g.to(device=DEV, dtype=q.dtype)
+        cpu_opt.step()
+        gpu_opt.step()
+    for i, (p, q) in enumerate(zip(cpu_params, gpu_params)):
+        assert _difference(f"param {i}", q, p) is None
+        for key, value in cpu_opt.state[p].items():
+            assert _difference(f"param {i} {key}", gpu_opt.state[q][key], value) is None
+
+
+def test_multi_launch_refuses_bad_tables(gen):
+    """The C side checks the host copy of a multi-tensor table: wrong work-unit offsets, misalignment,
+    counts outside [1, QCKPT_CUDA_ADAM_MULTI_MAX]."""
+    from converter.kernels import cuda as kcuda
+
+    ffi, lib = kcuda.load()
+    p = torch.randn(1024, device=DEV)
+    g, m, v = torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    table = ffi.new("qckpt_cuda_adam_tensor[]", 2)
+    for i in range(2):
+        table[i].param, table[i].grad, table[i].n = kcuda._ptr(p), kcuda._ptr(g), 1024
+        table[i].m32, table[i].v32 = kcuda._ptr(m, "float *"), kcuda._ptr(v, "float *")
+        table[i].hp.beta1 = 0.9
+    table[1].first = 3  # should be 4
+    stream = kcuda._stream(p.device)
+    assert lib.qckpt_cuda_adamw32_multi(table, table, 2, 0, 0, stream) != 0
+    assert "first work unit" in ffi.string(lib.qckpt_cuda_last_error()).decode()
+    assert lib.qckpt_cuda_adamw32_multi(table, table, 0, 0, 0, stream) != 0
+    table[1].first = 4
+    table[0].m_codes = table[0].v_codes = ffi.cast("uint8_t *", kcuda._ptr(p, "uint8_t *"))
+    table[0].m_absmax = table[0].v_absmax = kcuda._ptr(m, "float *")
+    table[0].param = ffi.cast("void *", p.data_ptr() + 4)
+    maps = torch.linspace(-1, 1, 256, device=DEV)
+    assert lib.qckpt_cuda_adamw8bit_multi(table, table, 1, 0, 0, kcuda._ptr(maps, "float *"),
+                                          kcuda._ptr(maps, "float *"), stream) != 0
+    assert "aligned" in ffi.string(lib.qckpt_cuda_last_error()).decode()

@@ -95,6 +95,52 @@ def launch_adamw32(launches: StepLaunches, param, grad, exp_avg, exp_avg_sq, sca
     _check(status, name)
 
 
+MULTI_MAX = 512  # entries per multi-tensor launch (QCKPT_CUDA_ADAM_MULTI_MAX)
+_UNIT = 256  # elements per work unit of a multi-tensor launch
+
+
+def multi_eligible(eight_bit: bool, param: torch.Tensor, grad: torch.Tensor, state: tuple) -> bool:
+    """Whether launch_adamw_multi takes this parameter (its 8-bit kernel needs aligned vectors)."""
+    if not eight_bit:
+        return True
+    return param.data_ptr() % 16 == 0 and grad.data_ptr() % 16 == 0 and state[0].data_ptr() % 8 == 0 \
+        and state[2].data_ptr() % 8 == 0
+
+
+def launch_adamw_multi(launches: StepLaunches, eight_bit: bool, entries: list, m_map=None, v_map=None) -> None:
+    """One launch stepping every (param, grad, state, scalars) of `entries`: state is (m_codes, m_absmax,
+    v_codes, v_absmax) with blocksize 256 when eight_bit, else (exp_avg, exp_avg_sq). All params share a
+    dtype, all grads share a dtype, everything is on launches.device and contiguous (multi_eligible for
+    8-bit state), at most MULTI_MAX entries. The table of pointers is built here, copied to the device
+    (stream-ordered before the kernel) and checked by the C side from its host copy."""
+    ffi, lib = launches.ffi, launches.lib
+    count = len(entries)
+    table = ffi.new("qckpt_cuda_adam_tensor[]", count)
+    first = 0
+    for i, (param, grad, state, scalars) in enumerate(entries):
+        entry = table[i]
+        entry.param, entry.grad = _ptr(param), _ptr(grad)
+        entry.n = n = param.numel()
+        if eight_bit:
+            entry.m_codes, entry.m_absmax = _ptr(state[0], "uint8_t *"), _ptr(state[1], "float *")
+            entry.v_codes, entry.v_absmax = _ptr(state[2], "uint8_t *"), _ptr(state[3], "float *")
+        else:
+            entry.m32, entry.v32 = _ptr(state[0], "float *"), _ptr(state[1], "float *")
+        entry.first = first
+        entry.hp = launches.hparams(scalars)[0]
+        first += -(-n // _UNIT)
+    device_table = torch.frombuffer(bytearray(ffi.buffer(table)), dtype=torch.uint8).to(launches.device)
+    on_device = ffi.cast("qckpt_cuda_adam_tensor *", device_table.data_ptr())
+    pdtype, gdtype = DTYPES[entries[0][0].dtype], DTYPES[entries[0][1].dtype]
+    with _on(launches.device):
+        if eight_bit:
+            status = lib.qckpt_cuda_adamw8bit_multi(table, on_device, count, pdtype, gdtype, _ptr(m_map, "float *"),
+                                                    _ptr(v_map, "float *"), launches.stream)
+        else:
+            status = lib.qckpt_cuda_adamw32_multi(table, on_device, count, pdtype, gdtype, launches.stream)
+    _check(status, f"AdamW step of {count} parameters")
+
+
 def launch_prefetch(launches: StepLaunches, tensor: torch.Tensor) -> None:
     """prefetch() of a managed tensor on launches.device to that device, without the Python-side checks."""
     nbytes = tensor.numel() * tensor.element_size()

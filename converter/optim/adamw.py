@@ -69,12 +69,13 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        launches = {}  # CUDA devices -> their shared launch arguments for this step
+        pending = {}  # (device, 8-bit?, param dtype, grad dtype) -> CUDA parameters stepped together
         for gi, group in enumerate(self.param_groups):
             if group.get("amsgrad"):
                 raise OptimizerError(f"param group {gi}: AdamW8bit does not support amsgrad=True")
             beta1, beta2 = group["betas"]
             scalars_by_step = {}  # parameters of a group are usually on the same step: compute once
-            launches = {}  # CUDA devices -> their shared launch arguments for this step
             for pi, param in enumerate(group["params"]):
                 if param.grad is None or param.numel() == 0:
                     continue
@@ -91,7 +92,8 @@ class AdamW8bit(torch.optim.Optimizer):
                         lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                         weight_decay=group["weight_decay"], step=step, maximize=group.get("maximize", False),
                     )
-                self._update(param, grad, state, scalars_by_step[step], name, launches)
+                self._update(param, grad, state, scalars_by_step[step], name, launches, pending)
+        self._launch_pending(launches, pending)
         return loss
 
     def _checked_grad(self, param, name):
@@ -108,7 +110,7 @@ class AdamW8bit(torch.optim.Optimizer):
                                  f"parameter {tuple(param.shape)} on {param.device}")
         return grad.contiguous()
 
-    def _update(self, param, grad, state, scalars, name, launches):
+    def _update(self, param, grad, state, scalars, name, launches, pending):
         # The kernel writes through the pointer: a non-contiguous parameter is stepped in a copy.
         target = param.data if param.data.is_contiguous() else param.data.contiguous()
         if param.device.type == "cuda":
@@ -124,12 +126,20 @@ class AdamW8bit(torch.optim.Optimizer):
                 raise OptimizerError(f"{name} is on {device} but its optimizer state is not (was the model moved "
                                      "after the first step? move it before creating the optimizer)")
             self._before_cuda_update(param, state, shared)
-            if "state1" in state:
+            eight_bit = "state1" in state
+            tensors = ((state["state1"], state["absmax1"], state["state2"], state["absmax2"]) if eight_bit
+                       else (state["exp_avg"], state["exp_avg_sq"]))
+            if optim_cuda.multi_eligible(eight_bit, target, grad, tensors):
+                # stepped with every other such parameter of the device in one launch (_launch_pending)
+                key = (device, eight_bit, target.dtype, grad.dtype)
+                pending.setdefault(key, []).append((target, grad, tensors, scalars, param))
+                return
+            if eight_bit:
                 m_map, v_map = self._maps_on(device)
-                optim_cuda.launch_adamw8bit(shared, target, grad, state["state1"], state["absmax1"], m_map,
-                                            state["state2"], state["absmax2"], v_map, scalars, BLOCKSIZE, name)
+                optim_cuda.launch_adamw8bit(shared, target, grad, *tensors[:2], m_map, *tensors[2:], v_map, scalars,
+                                            BLOCKSIZE, name)
             else:
-                optim_cuda.launch_adamw32(shared, target, grad, state["exp_avg"], state["exp_avg_sq"], scalars, name)
+                optim_cuda.launch_adamw32(shared, target, grad, *tensors, scalars, name)
         else:
             from ..kernels import optim_cpu
 
@@ -144,6 +154,22 @@ class AdamW8bit(torch.optim.Optimizer):
                                        threads=self._threads, name=name)
         if target.data_ptr() != param.data.data_ptr():
             param.data.copy_(target)
+
+    def _launch_pending(self, launches, pending) -> None:
+        """Step the CUDA parameters _update collected: one launch per device, kind of state and dtype pair
+        (per MULTI_MAX parameters), then copy back parameters that were stepped in a contiguous copy."""
+        if not pending:
+            return
+        from ..kernels import optim_cuda
+
+        for (device, eight_bit, _, _), entries in pending.items():
+            maps = self._maps_on(device) if eight_bit else (None, None)
+            for start in range(0, len(entries), optim_cuda.MULTI_MAX):
+                chunk = [entry[:4] for entry in entries[start:start + optim_cuda.MULTI_MAX]]
+                optim_cuda.launch_adamw_multi(launches[device], eight_bit, chunk, *maps)
+            for target, _, _, _, param in entries:
+                if target.data_ptr() != param.data.data_ptr():
+                    param.data.copy_(target)
 
     def _before_cuda_update(self, param, state, launches) -> None:
         """Hook run before a CUDA parameter's step (PagedAdamW8bit prefetches its state here)."""

@@ -44,9 +44,9 @@ class PagedAdamW8bit(AdamW8bit):
         for pi, param in enumerate(self.param_groups[gi]["params"]):
             _require_cuda(param, f"param group {gi} parameter {pi} {tuple(param.shape)}")
 
-    def _update(self, param, grad, state, scalars, name, launches):
+    def _update(self, param, grad, state, scalars, name, launches, pending):
         _require_cuda(param, name)
-        super()._update(param, grad, state, scalars, name, launches)
+        super()._update(param, grad, state, scalars, name, launches, pending)
 
     def _before_cuda_update(self, param, state, launches):
         # One prefetch for a parameter whose state shares one allocation (as _allocate_state makes it);

@@ -135,6 +135,34 @@ qckpt_status qckpt_cuda_managed_free(void *ptr);
 qckpt_status qckpt_cuda_prefetch(const void *ptr, int64_t bytes, int32_t device, void *stream);
 qckpt_status qckpt_cuda_is_managed(const void *ptr, int32_t *managed);
 
+/* ---- many AdamW steps in one launch (converter/optim steps every parameter of a device this way) ----
+ * One entry per parameter: 8-bit state (m_codes .. v_absmax, blocksize 256) or 32-bit state (m32, v32);
+ * `first` is the entry's first 256-element work unit in the launch: entry i's first is the sum of
+ * ceil(n / 256) over entries 0..i-1. Each entry has its own hyper-parameters (groups, step counts). */
+typedef struct {
+    void *param;
+    const void *grad;
+    int64_t n;
+    uint8_t *m_codes, *v_codes;
+    float *m_absmax, *v_absmax;
+    float *m32, *v32;
+    int64_t first;
+    qckpt_adamw_hparams hp;
+} qckpt_cuda_adam_tensor;
+
+enum { QCKPT_CUDA_ADAM_MULTI_MAX = 512 }; /* entries per launch */
+
+/* qckpt_cuda_adamw8bit_step for `count` parameters, all of param_dtype and grad_dtype, in one launch.
+ * `host` (checked here) and `device` (read by the kernel, in device memory) hold the same entries.
+ * Needs 16-byte aligned param and grad and 8-byte aligned codes (callers step others one by one). */
+qckpt_status qckpt_cuda_adamw8bit_multi(const qckpt_cuda_adam_tensor *host, const qckpt_cuda_adam_tensor *device,
+                                        int32_t count, int32_t param_dtype, int32_t grad_dtype, const float *m_map,
+                                        const float *v_map, void *stream);
+
+/* qckpt_cuda_adamw32_step for `count` parameters in one launch (as qckpt_cuda_adamw8bit_multi). */
+qckpt_status qckpt_cuda_adamw32_multi(const qckpt_cuda_adam_tensor *host, const qckpt_cuda_adam_tensor *device,
+                                      int32_t count, int32_t param_dtype, int32_t grad_dtype, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -155,7 +155,47 @@ struct Adam8Args {
 };
 
 /* Blocksize 256: a warp per quantization block, lane l owns elements 8l..8l+7 (param and grad 16-byte
- * aligned, codes 8-byte aligned). */
+ * aligned, codes 8-byte aligned). One block b of one tensor. */
+template <typename P, typename G>
+__device__ __forceinline__ void adam8_warp256_block(P *__restrict__ param, const G *__restrict__ grad,
+                                                    const Adam8Args &a, const OptimTables &t, int64_t b, int lane) {
+    const int64_t i0 = b * 256 + lane * 8;
+    const int64_t left = a.n - i0;
+    const int count = left >= 8 ? 8 : left > 0 ? (int)left : 0;
+    float p[8], g[8], m[8], v[8];
+    uint8_t mc[8], vc[8];
+    load8(param, i0, count, p);
+    load8(grad, i0, count, g);
+    load_codes8(a.m_codes, i0, count, mc);
+    load_codes8(a.v_codes, i0, count, vc);
+    const float am = a.m_absmax[b], av = a.v_absmax[b];
+    uint32_t mbits = 0, vbits = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        m[j] = __fmul_rn(t.m_map[mc[j]], am);
+        v[j] = __fmul_rn(t.v_map[vc[j]], av);
+        p[j] = adam_update(a.hp, g[j], m[j], v[j], p[j]);
+        if (j < count) mbits = max(mbits, abs_bits(m[j])), vbits = max(vbits, abs_bits(v[j]));
+    }
+    store8(param, i0, count, p);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        mbits = max(mbits, __shfl_xor_sync(kFullMask, mbits, o));
+        vbits = max(vbits, __shfl_xor_sync(kFullMask, vbits, o));
+    }
+    /* every lane has read this block's absmax (its value fed the shuffles above) */
+    const float m_amax = __uint_as_float(mbits), v_amax = __uint_as_float(vbits);
+    if (lane == 0) a.m_absmax[b] = m_amax, a.v_absmax[b] = v_amax;
+    const float mr = __fdiv_rn(1.0f, m_amax), vr = __fdiv_rn(1.0f, v_amax);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        mc[j] = code_below(t.m_tree, __fmul_rn(m[j], mr));
+        vc[j] = code_below(t.v_tree, __fmul_rn(v[j], vr));
+    }
+    store_codes8(a.m_codes, i0, count, mc);
+    store_codes8(a.v_codes, i0, count, vc);
+}
+
 template <typename P, typename G>
 __global__ void __launch_bounds__(256) adam8_warp256_kernel(P *__restrict__ param, const G *__restrict__ grad,
                                                             const Adam8Args a) {
@@ -163,42 +203,77 @@ __global__ void __launch_bounds__(256) adam8_warp256_kernel(P *__restrict__ para
     load_tables(t, a.m_map, a.v_map);
     const int lane = threadIdx.x & 31;
     const int64_t nb = ceil_div(a.n, 256), warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-    for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nb; b += warps) {
-        const int64_t i0 = b * 256 + lane * 8;
-        const int64_t left = a.n - i0;
-        const int count = left >= 8 ? 8 : left > 0 ? (int)left : 0;
-        float p[8], g[8], m[8], v[8];
-        uint8_t mc[8], vc[8];
-        load8(param, i0, count, p);
-        load8(grad, i0, count, g);
-        load_codes8(a.m_codes, i0, count, mc);
-        load_codes8(a.v_codes, i0, count, vc);
-        const float am = a.m_absmax[b], av = a.v_absmax[b];
-        uint32_t mbits = 0, vbits = 0;
+    for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; b < nb; b += warps)
+        adam8_warp256_block(param, grad, a, t, b, lane);
+}
+
+/* ---- many tensors in one launch (qckpt_cuda_adamw8bit_multi / qckpt_cuda_adamw32_multi) ----
+ * Work unit u of the launch (256 elements: a quantization block for 8-bit state) belongs to the tensor t
+ * with tensors[t].first <= u < tensors[t + 1].first, found by binary search over the firsts in shared
+ * memory. Why: a step over many small tensors launched one kernel each was bound by the host (tens of
+ * microseconds of Python and launch per parameter), not by the memory traffic. */
+constexpr int kMultiMaxTensors = 512;
+
+__device__ __forceinline__ int multi_find(const int64_t *first, int count, int64_t u) {
+    int lo = 0, hi = count - 1; /* first[lo] <= u < first[count] */
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (first[mid] <= u) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ void multi_load_firsts(int64_t *first, const qckpt_cuda_adam_tensor *tensors, int count,
+                                                  int64_t units) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) first[i] = tensors[i].first;
+    if (threadIdx.x == 0) first[count] = units;
+    __syncthreads();
+}
+
+template <typename P, typename G>
+__global__ void __launch_bounds__(256) adam8_multi_kernel(const qckpt_cuda_adam_tensor *__restrict__ tensors,
+                                                          int count, int64_t units, const float *m_map,
+                                                          const float *v_map) {
+    __shared__ OptimTables t;
+    __shared__ int64_t first[kMultiMaxTensors + 1];
+    load_tables(t, m_map, v_map);
+    multi_load_firsts(first, tensors, count, units);
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; u < units; u += warps) {
+        const int ti = multi_find(first, count, u);
+        const qckpt_cuda_adam_tensor &e = tensors[ti];
+        const Adam8Args a{e.n, 256, e.m_codes, e.v_codes, e.m_absmax, e.v_absmax, m_map, v_map, e.hp};
+        adam8_warp256_block(static_cast<P *>(e.param), static_cast<const G *>(e.grad), a, t, u - first[ti], lane);
+    }
+}
+
+/* 32-bit state, 256 elements per warp-sized unit (lane l: elements l, l + 32, ...: coalesced). */
+template <typename P, typename G>
+__global__ void __launch_bounds__(256) adam32_multi_kernel(const qckpt_cuda_adam_tensor *__restrict__ tensors,
+                                                           int count, int64_t units) {
+    __shared__ int64_t first[kMultiMaxTensors + 1];
+    multi_load_firsts(first, tensors, count, units);
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; u < units; u += warps) {
+        const int ti = multi_find(first, count, u);
+        const qckpt_cuda_adam_tensor &e = tensors[ti];
+        P *param = static_cast<P *>(e.param);
+        const G *grad = static_cast<const G *>(e.grad);
+        const int64_t start = (u - first[ti]) * 256;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            m[j] = __fmul_rn(t.m_map[mc[j]], am);
-            v[j] = __fmul_rn(t.v_map[vc[j]], av);
-            p[j] = adam_update(a.hp, g[j], m[j], v[j], p[j]);
-            if (j < count) mbits = max(mbits, abs_bits(m[j])), vbits = max(vbits, abs_bits(v[j]));
+            const int64_t k = start + lane + 32 * j;
+            if (k < e.n) {
+                float mm = e.m32[k], vv = e.v32[k];
+                const float p = adam_update(e.hp, to_f32<G>(grad[k]), mm, vv, to_f32<P>(param[k]));
+                e.m32[k] = mm;
+                e.v32[k] = vv;
+                param[k] = from_f32<P>(p);
+            }
         }
-        store8(param, i0, count, p);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            mbits = max(mbits, __shfl_xor_sync(kFullMask, mbits, o));
-            vbits = max(vbits, __shfl_xor_sync(kFullMask, vbits, o));
-        }
-        /* every lane has read this block's absmax (its value fed the shuffles above) */
-        const float m_amax = __uint_as_float(mbits), v_amax = __uint_as_float(vbits);
-        if (lane == 0) a.m_absmax[b] = m_amax, a.v_absmax[b] = v_amax;
-        const float mr = __fdiv_rn(1.0f, m_amax), vr = __fdiv_rn(1.0f, v_amax);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            mc[j] = code_below(t.m_tree, __fmul_rn(m[j], mr));
-            vc[j] = code_below(t.v_tree, __fmul_rn(v[j], vr));
-        }
-        store_codes8(a.m_codes, i0, count, mc);
-        store_codes8(a.v_codes, i0, count, vc);
     }
 }
 
