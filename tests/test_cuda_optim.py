@@ -324,10 +324,16 @@ def _layouts(device, gen):
     return [{"params": small + big[:1], "lr": 1e-3}, {"params": [unaligned, transposed, big[1]], "lr": 3e-3}]
 
 
-def test_many_parameters_stepped_together_equal_cpu():
+@pytest.mark.parametrize("launch_elements", [None, 1000])
+def test_many_parameters_stepped_together_equal_cpu(launch_elements, monkeypatch):
     """AdamW8bit steps a device's parameters in multi-tensor launches (one per kind of state and dtype
-    pair, at most QCKPT_CUDA_ADAM_MULTI_MAX parameters each) and the rest one by one: over three steps the
-    parameters and every state tensor equal the CPU optimizer's, bit for bit."""
+    pair, at most QCKPT_CUDA_ADAM_MULTI_MAX parameters each; with a small launch threshold, many launches
+    during the step) and the rest one by one: over three steps the parameters and every state tensor
+    equal the CPU optimizer's, bit for bit."""
+    if launch_elements is not None:
+        import converter.optim.adamw as adamw_module
+
+        monkeypatch.setattr(adamw_module, "_LAUNCH_ELEMENTS", launch_elements)
     cpu_groups = _layouts("cpu", torch.Generator().manual_seed(5))
     gpu_groups = _layouts(DEV, torch.Generator().manual_seed(5))
     cpu_opt, gpu_opt = AdamW8bit(cpu_groups, weight_decay=0.01), AdamW8bit(gpu_groups, weight_decay=0.01)

@@ -129,7 +129,12 @@ def launch_adamw_multi(launches: StepLaunches, eight_bit: bool, entries: list, m
         entry.first = first
         entry.hp = launches.hparams(scalars)[0]
         first += -(-n // _UNIT)
-    device_table = torch.frombuffer(bytearray(ffi.buffer(table)), dtype=torch.uint8).to(launches.device)
+    # through pinned memory, asynchronously: a pageable copy would block the host until the stream's
+    # earlier work (the backward pass, earlier launches of this step) finished, and the host would stop
+    # running ahead. torch's pinned-memory cache reuses the staging buffer only after the copy ran.
+    staged = torch.empty(len(ffi.buffer(table)), dtype=torch.uint8, pin_memory=True)
+    staged.copy_(torch.frombuffer(ffi.buffer(table), dtype=torch.uint8))
+    device_table = staged.to(launches.device, non_blocking=True)
     on_device = ffi.cast("qckpt_cuda_adam_tensor *", device_table.data_ptr())
     pdtype, gdtype = DTYPES[entries[0][0].dtype], DTYPES[entries[0][1].dtype]
     with _on(launches.device):
