@@ -7,6 +7,7 @@ import math
 import torch
 
 _ERROR_CHUNK = 1 << 20  # elements per error-measuring pass: 4 MB scratch buffers, no full-size temporaries
+_DEVICE_CHUNK = 1 << 24  # on a GPU: larger passes (64 MB scratch), the launches cost more than the memory
 
 
 def error_stats(qt, weight: torch.Tensor, scratch) -> tuple[float, float]:
@@ -15,6 +16,8 @@ def error_stats(qt, weight: torch.Tensor, scratch) -> tuple[float, float]:
     Chunked ops into reused float32 scratch buffers: fresh full-size temporaries cost more in page faults
     than the arithmetic and would double the memory held for the largest weight."""
     restored = qt.dequantize(torch.float32).reshape(-1)
+    if restored.device.type != "cpu":
+        return _compare_on_device(restored, weight, scratch)
     with _single_threaded_torch():
         return _compare(restored, weight, scratch)
 
@@ -48,5 +51,30 @@ def _compare(restored, weight, scratch) -> tuple[float, float]:
         ref2 += float(torch.dot(r, r))
         mn, mx = torch.aminmax(d)
         lo, hi = min(lo, float(mn)), max(hi, float(mx))
+    rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    return rel, max(-lo, hi)
+
+
+def _compare_on_device(restored, weight, scratch) -> tuple[float, float]:
+    """_compare with the running sums and extremes kept on the device and read once per tensor. Why: the
+    host loop read four scalars per chunk, i.e. four synchronizations per million elements, which made this
+    pass the largest stage of `convert --device cuda` (5-6 s of a 5 GB conversion on an H100 host)."""
+    n = restored.numel()
+    size = min(n, _DEVICE_CHUNK)
+    ref = scratch(0, size, restored.device)
+    diff = scratch(1, size, restored.device)
+    flat = weight.reshape(-1)
+    sums = torch.zeros(2, dtype=torch.float64, device=restored.device)  # error^2, reference^2
+    extremes = torch.zeros(2, dtype=torch.float32, device=restored.device)  # min, max difference
+    for i in range(0, n, size):
+        m = min(size, n - i)
+        r, d = ref[:m], diff[:m]
+        r.copy_(flat[i:i + m])
+        torch.sub(restored[i:i + m], r, out=d)
+        sums += torch.stack((torch.dot(d, d), torch.dot(r, r))).double()
+        mn, mx = torch.aminmax(d)
+        extremes[0] = torch.minimum(extremes[0], mn)
+        extremes[1] = torch.maximum(extremes[1], mx)
+    (err2, ref2), (lo, hi) = sums.tolist(), extremes.tolist()
     rel = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
     return rel, max(-lo, hi)
