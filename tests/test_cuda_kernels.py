@@ -282,6 +282,26 @@ def test_gemm_4bit_other_paths_match_reference(gen):
     assert y.shape == (2, 3, 48) and rel_err(y.reshape(6, 48), want) < 1e-2
 
 
+def test_fused_gemm_4bit_prepares_each_weight_once(gen):
+    """The launch arguments of a weight are built on its first call and reused while it lives; another
+    weight (also one at the same address after the first is gone) gets its own; results are unchanged."""
+    import gc
+
+    qt = converter.quantize((torch.randn(256, 512, generator=gen) * 0.05).cuda(), "nf4", 64, True)
+    x = torch.randn(3, 512, generator=gen).bfloat16().cuda()
+    y1 = kcuda.fused_gemm_4bit(x, qt)
+    prep = kcuda._prepared_weights[id(qt)][1]
+    y2 = kcuda.fused_gemm_4bit(x, qt)
+    assert kcuda._prepared_weights[id(qt)][1] is prep and torch.equal(y1, y2)
+    other = converter.quantize((torch.randn(256, 512, generator=gen) * 0.05).cuda(), "nf4", 64, False)
+    assert rel_err(kcuda.fused_gemm_4bit(x, other), reference_matmul(x, other)) < 1e-2
+    assert kcuda._prepared_weights[id(other)][1] is not prep
+    key = id(qt)
+    del qt, prep
+    gc.collect()
+    assert key not in kcuda._prepared_weights
+
+
 def test_fused_gemm_4bit_rejects_unsupported_shapes(gen):
     qt = converter.quantize((torch.randn(64, 96, generator=gen)).cuda(), "nf4", 32, False)
     with pytest.raises(QuantizationInputError, match="17..128 rows with K % 64"):

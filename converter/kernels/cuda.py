@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 
 import torch
 
@@ -403,6 +404,52 @@ def _split_workspace(rows: int, n_out: int, k: int, device: torch.device) -> tor
     return ws
 
 
+class _PreparedWeight:
+    """A 4-bit weight's launch arguments on one device: the 16-byte aligned packed codes and the scales
+    struct, with the tensors they point into kept alive."""
+
+    __slots__ = ("device", "packed", "packed_ptr", "scales", "keep", "quant", "__weakref__")
+
+
+# id(weight) -> (weak reference to it, its _PreparedWeight). A decode step calls fused_gemm_4bit once per
+# layer; rebuilding the struct, the alignment check and the device/dtype probes each time was a sizable
+# part of the ~60 us an eager call cost against ~25 us of kernel. Keyed by id with a weak reference
+# (QuantizedTensor is a frozen dataclass whose equality compares tensors, so it cannot key a dict).
+_prepared_weights: dict[int, tuple] = {}
+
+
+def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
+    entry = _prepared_weights.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1].device == device:
+        return entry[1]
+    ffi, _ = load()
+    packed = weight.data.reshape(-1)
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    # the kernel reads the scales through raw pointers: they must be float32 on this device. They are
+    # when QuantizedTensor.to() moved everything together; only otherwise are copies made (once, so later
+    # in-place edits of such a weight's original scales are not seen).
+    nested, absmax = weight.nested, weight.absmax
+    probe = absmax if nested is None else nested.absmax
+    if probe.device != device or probe.dtype != torch.float32 or (nested is not None and nested.codes.device != device):
+        nested = None if nested is None else _nested_on(nested, device)
+        absmax = None if absmax is None else absmax.to(device=device, dtype=torch.float32).contiguous()
+    prep = _PreparedWeight()
+    prep.device, prep.packed, prep.keep = device, packed, (nested, absmax)
+    prep.packed_ptr = _ptr(packed, "uint8_t *")
+    prep.scales = _scales(absmax, nested)
+    prep.quant = _QUANT4[weight.quant_type]
+    key = id(weight)
+    _prepared_weights[key] = (weakref.ref(weight, lambda _ref, key=key: _forget(key, _ref)), prep)
+    return prep
+
+
+def _forget(key: int, ref) -> None:
+    entry = _prepared_weights.get(key)
+    if entry is not None and entry[0] is ref:  # not an entry of a newer object that reused the id
+        del _prepared_weights[key]
+
+
 def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     """Fused dequantize + matmul: x (rows, K) bf16/fp16, rows <= FUSED_MAX_ROWS @ dequant(W (N, K))^T
     -> (rows, N) in x.dtype. Weights are read once (4 bits each), products on the tensor cores with
@@ -419,23 +466,12 @@ def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
                                      f"== 0, got {rows} rows of {x.dtype}, K={k}")
     if weight.device != device:
         raise QuantizationInputError(f"weight is on {weight.device} but the activations are on {device}")
-    packed = weight.data.reshape(-1)
-    if packed.data_ptr() % 16:
-        packed = packed.clone()
+    prep = _prepared(weight, device)
     y = torch.empty((rows, n_out), dtype=x.dtype, device=device)
-    # the kernel reads the scales through raw pointers: they must be float32 on this device. They are
-    # when QuantizedTensor.to() moved everything together; only otherwise pay for copies (a decode
-    # step calls this per layer, so the common case stays a few attribute reads).
-    nested, absmax = weight.nested, weight.absmax
-    probe = absmax if nested is None else nested.absmax
-    if probe.device != device or probe.dtype != torch.float32 or (nested is not None and nested.codes.device != device):
-        nested = None if nested is None else _nested_on(nested, device)
-        absmax = None if absmax is None else absmax.to(device=device, dtype=torch.float32).contiguous()
-    scales = _scales(absmax, nested)
     with _on(device):
         ws = None if rows <= DECODE_MAX_ROWS else _split_workspace(rows, n_out, k, device)
-        _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, _ptr(packed, "uint8_t *"), scales,
-                                        n_out, k, weight.blocksize, _QUANT4[weight.quant_type], _ptr(y), _ptr(ws),
+        _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, prep.packed_ptr, prep.scales,
+                                        n_out, k, weight.blocksize, prep.quant, _ptr(y), _ptr(ws),
                                         0 if ws is None else ws.numel(), _stream(device)))
     return y
 
