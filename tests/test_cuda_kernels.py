@@ -11,13 +11,11 @@ from converter.formats import reference as ref
 from converter.formats.codebooks import QuantType
 from converter.kernels import cpu
 from converter.kernels import cuda as kcuda
+from cuda_required import require_cuda_extension
 from bits import same_bits
 
 pytestmark = pytest.mark.cuda
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
-if not kcuda.available():
-    pytest.skip("CUDA extension not built (python native/ffi/build_cuda.py)", allow_module_level=True)
+require_cuda_extension()
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUANT4 = [QuantType.NF4, QuantType.FP4]

@@ -10,12 +10,10 @@ from converter.kernels import cuda as kcuda
 from converter.kernels import optim_cpu
 from converter.optim import AdamW8bit, PagedAdamW8bit, maps
 from converter.optim import reference as ref
+from cuda_required import require_cuda_extension
 
 pytestmark = pytest.mark.cuda
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
-if not kcuda.available():
-    pytest.skip("CUDA extension not built (python native/ffi/build_cuda.py)", allow_module_level=True)
+require_cuda_extension()
 
 from converter.kernels import optim_cuda  # noqa: E402
 

@@ -43,6 +43,17 @@ template <> __device__ __forceinline__ void mma16816<__half>(float c[4], const u
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* The raw inputs of block b's scale, loaded ahead of use: absmax, or absmax2 and the code index when
+ * nested (raw_block_scale combines them once the loads have landed). */
+__device__ __forceinline__ void load_raw_scale(const Scales &scales, int64_t b, float &raw, uint32_t &code_index) {
+    if (scales.absmax) {
+        raw = __ldg(scales.absmax + b);
+    } else {
+        raw = __ldg(scales.absmax2 + (b >> scales.log2_bs2));
+        code_index = __ldg(scales.codes + b);
+    }
+}
+
 /* One lane's operands for one 128-wide k step: x for batch rows nt*8 + g, weights for rows g and g+8
  * of each 16-row tile. */
 template <int NT, int R>
@@ -79,12 +90,7 @@ __device__ __forceinline__ void gemm_load(GemmFrag<NT, R> &f, const T *__restric
                 const int64_t flat = n * k + kb;
                 const int64_t b = flat >> log2_bs;
                 f.w[r][h] = __ldg(reinterpret_cast<const uint4 *>(packed + (flat >> 1)));
-                if (scales.absmax) {
-                    f.scale[r][h] = __ldg(scales.absmax + b);
-                } else {
-                    f.scale[r][h] = __ldg(scales.absmax2 + (b >> scales.log2_bs2));
-                    f.code_index[r][h] = __ldg(scales.codes + b);
-                }
+                load_raw_scale(scales, b, f.scale[r][h], f.code_index[r][h]);
             } else { /* finite weights: past k, x is zero; past n_out, the row is not stored */
                 f.w[r][h] = make_uint4(0, 0, 0, 0);
                 f.scale[r][h] = 0.0f;
@@ -120,6 +126,13 @@ template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply */
     }
 };
 
+/* A block scale from the raw values loaded ahead of use (absmax; absmax2 and the code index when
+ * nested), exactly as block_scale(): two float32 roundings when nested. */
+__device__ __forceinline__ float raw_block_scale(const Scales &scales, const float *code, float raw,
+                                                 uint32_t code_index) {
+    return scales.absmax ? raw : __fadd_rn(__fmul_rn(code[code_index], raw), scales.offset);
+}
+
 template <typename T, int NT, int R>
 __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable &tab, const Scales &scales,
                                              const float *code, float (&acc)[R][NT][4]) {
@@ -127,12 +140,8 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            /* the block scale exactly as block_scale(): two float32 roundings when nested */
-            const float s = scales.absmax ? f.scale[r][h]
-                                          : __fadd_rn(__fmul_rn(code[f.code_index[r][h]], f.scale[r][h]), scales.offset);
-            deq[r][h] = PairDequant<T>(s); /* outside the weight: finite, and multiplied by zero x or discarded */
-        }
+        for (int h = 0; h < 2; h++) /* outside the weight: finite, and multiplied by zero x or discarded */
+            deq[r][h] = PairDequant<T>(raw_block_scale(scales, code, f.scale[r][h], f.code_index[r][h]));
 #pragma unroll
     for (int j = 0; j < 8; j++) {
 #pragma unroll
@@ -174,13 +183,7 @@ __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__rest
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int64_t n0 = int64_t(blockIdx.x) * 16 * R, steps = ceil_div(k, 128);
-    float acc[R][NT][4];
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) acc[r][nt][q] = 0.0f;
+    float acc[R][NT][4] = {};
 
     /* software pipeline: the next DEPTH steps' loads are in flight while this step computes */
     GemmFrag<NT, R> cur, n1, n2;

@@ -70,12 +70,7 @@ __device__ __forceinline__ void tiled_load_w(TiledWFrag<NT16> &f, const uint8_t 
                 const int64_t flat = n * k + kt * kTiledBK + 16 * t; /* 16 elements inside one block (bs >= 32) */
                 const int64_t b = flat >> log2_bs;
                 f.w[i][h] = __ldg(reinterpret_cast<const uint2 *>(packed + (flat >> 1)));
-                if (scales.absmax) {
-                    f.scale[i][h] = __ldg(scales.absmax + b);
-                } else {
-                    f.scale[i][h] = __ldg(scales.absmax2 + (b >> scales.log2_bs2));
-                    f.code_index[i][h] = __ldg(scales.codes + b);
-                }
+                load_raw_scale(scales, b, f.scale[i][h], f.code_index[i][h]);
             } else { /* past n_out: zero weights, results discarded */
                 f.w[i][h] = make_uint2(0, 0);
                 f.scale[i][h] = 0.0f;
@@ -106,12 +101,8 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
 #pragma unroll
     for (int i = 0; i < NT16; i++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            /* the block scale exactly as block_scale(): two float32 roundings when nested */
-            const float s = scales.absmax ? f.scale[i][h]
-                                          : __fadd_rn(__fmul_rn(code[f.code_index[i][h]], f.scale[i][h]), scales.offset);
-            deq[i][h] = PairDequant<T>(s);
-        }
+        for (int h = 0; h < 2; h++)
+            deq[i][h] = PairDequant<T>(raw_block_scale(scales, code, f.scale[i][h], f.code_index[i][h]));
 #pragma unroll
     for (int jj = 0; jj < 2; jj++) {
         /* A fragments of k16 steps j = 2jj, 2jj + 1: bytes 2j, 2j + 1 of the lane's 8 per row */
@@ -168,13 +159,7 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     const int64_t ktiles = k / kTiledBK;
     const int64_t kt0 = ktiles * split / splits, nk = ktiles * (split + 1) / splits - kt0;
 
-    float acc[NT16][MT][4];
-#pragma unroll
-    for (int i = 0; i < NT16; i++)
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) acc[i][mt][q] = 0.0f;
+    float acc[NT16][MT][4] = {};
 
     /* x tiles STAGES - 1 ahead in shared memory */
 #pragma unroll

@@ -224,11 +224,20 @@ __device__ __forceinline__ int multi_find(const int64_t *first, int count, int64
     return lo;
 }
 
-__device__ __forceinline__ void multi_load_firsts(int64_t *first, const qckpt_cuda_adam_tensor *tensors, int count,
-                                                  int64_t units) {
+/* Every work unit of a multi-tensor launch, a warp each: body(entry, unit index within the entry, lane).
+ * `first` is shared scratch for count + 1 offsets. */
+template <typename Body>
+__device__ __forceinline__ void multi_for_each_unit(int64_t *first, const qckpt_cuda_adam_tensor *tensors, int count,
+                                                    int64_t units, Body body) {
     for (int i = threadIdx.x; i < count; i += blockDim.x) first[i] = tensors[i].first;
     if (threadIdx.x == 0) first[count] = units;
     __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+    for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; u < units; u += warps) {
+        const int ti = multi_find(first, count, u);
+        body(tensors[ti], u - first[ti], lane);
+    }
 }
 
 template <typename P, typename G>
@@ -238,15 +247,10 @@ __global__ void __launch_bounds__(256) adam8_multi_kernel(const qckpt_cuda_adam_
     __shared__ OptimTables t;
     __shared__ int64_t first[kMultiMaxTensors + 1];
     load_tables(t, m_map, v_map);
-    multi_load_firsts(first, tensors, count, units);
-    const int lane = threadIdx.x & 31;
-    const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-    for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; u < units; u += warps) {
-        const int ti = multi_find(first, count, u);
-        const qckpt_cuda_adam_tensor &e = tensors[ti];
+    multi_for_each_unit(first, tensors, count, units, [&](const qckpt_cuda_adam_tensor &e, int64_t b, int lane) {
         const Adam8Args a{e.n, 256, e.m_codes, e.v_codes, e.m_absmax, e.v_absmax, m_map, v_map, e.hp};
-        adam8_warp256_block(static_cast<P *>(e.param), static_cast<const G *>(e.grad), a, t, u - first[ti], lane);
-    }
+        adam8_warp256_block(static_cast<P *>(e.param), static_cast<const G *>(e.grad), a, t, b, lane);
+    });
 }
 
 /* 32-bit state, 256 elements per warp-sized unit (lane l: elements l, l + 32, ...: coalesced). */
@@ -254,15 +258,10 @@ template <typename P, typename G>
 __global__ void __launch_bounds__(256) adam32_multi_kernel(const qckpt_cuda_adam_tensor *__restrict__ tensors,
                                                            int count, int64_t units) {
     __shared__ int64_t first[kMultiMaxTensors + 1];
-    multi_load_firsts(first, tensors, count, units);
-    const int lane = threadIdx.x & 31;
-    const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-    for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; u < units; u += warps) {
-        const int ti = multi_find(first, count, u);
-        const qckpt_cuda_adam_tensor &e = tensors[ti];
+    multi_for_each_unit(first, tensors, count, units, [&](const qckpt_cuda_adam_tensor &e, int64_t unit, int lane) {
         P *param = static_cast<P *>(e.param);
         const G *grad = static_cast<const G *>(e.grad);
-        const int64_t start = (u - first[ti]) * 256;
+        const int64_t start = unit * 256;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const int64_t k = start + lane + 32 * j;
@@ -274,7 +273,7 @@ __global__ void __launch_bounds__(256) adam32_multi_kernel(const qckpt_cuda_adam
                 param[k] = from_f32<P>(p);
             }
         }
-    }
+    });
 }
 
 /* Any blocksize in [1, 4096]: a thread block (blockDim a multiple of 32, <= 256, >= blocksize when
