@@ -2,7 +2,7 @@
 """QLoRA fine-tuning of a small model through the qckpt runtime: convert to NF4, load, add LoRA, train.
 
     python scripts/qlora_finetune.py [--source ../shared/data/stories260K]
-        [--text ../shared/data/tinystories_val.txt] [--steps 100] [--optim adamw|adamw8bit]
+        [--text ../shared/data/tinystories_val.txt] [--steps 100] [--optim adamw|adamw8bit|paged_adamw8bit]
 
 The source is converted to NF4 + double quant in a temporary folder (converter.convert; a plain
 per-linear quantization when the pipeline is not installed), loaded with converter.load_quantized,
@@ -36,14 +36,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def make_optimizer(name: str, params, lr: float):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)
-    if name == "adamw8bit":
-        try:
-            from converter.optim import AdamW8bit
-        except ImportError as exc:
-            raise SystemExit(f"error: --optim adamw8bit needs converter.optim.AdamW8bit, which is not available "
-                             f"({exc})") from None
-        return AdamW8bit(params, lr=lr)
-    raise SystemExit(f"error: unknown optimizer {name!r} (expected adamw or adamw8bit)")
+    if name in ("adamw8bit", "paged_adamw8bit"):
+        from converter.errors import OptimizerError
+        from converter.optim import AdamW8bit, PagedAdamW8bit
+
+        try:  # the paged variant needs CUDA parameters: its error says so in one line
+            return (AdamW8bit if name == "adamw8bit" else PagedAdamW8bit)(params, lr=lr)
+        except OptimizerError as exc:
+            raise SystemExit(f"error: --optim {name}: {exc}") from None
+    raise SystemExit(f"error: unknown optimizer {name!r} (expected adamw, adamw8bit or paged_adamw8bit)")
 
 
 def quantized_digest(model) -> str:
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"])
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit"])
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="cpu")
