@@ -281,21 +281,24 @@ def test_gemm_4bit_other_paths_match_reference(gen):
 
 
 def test_fused_gemm_4bit_prepares_each_weight_once(gen):
-    """The launch arguments of a weight are built on its first call and reused while it lives; another
-    weight (also one at the same address after the first is gone) gets its own; results are unchanged."""
+    """A weight's launch arguments are built on its first call and reused while its tensors are the same
+    (also through a new QuantizedTensor around them, as Linear4bit makes per forward); new tensors get
+    their own; the entry goes with the packed tensor; results are unchanged."""
+    import dataclasses
     import gc
 
     qt = converter.quantize((torch.randn(256, 512, generator=gen) * 0.05).cuda(), "nf4", 64, True)
     x = torch.randn(3, 512, generator=gen).bfloat16().cuda()
     y1 = kcuda.fused_gemm_4bit(x, qt)
-    prep = kcuda._prepared_weights[id(qt)][1]
-    y2 = kcuda.fused_gemm_4bit(x, qt)
-    assert kcuda._prepared_weights[id(qt)][1] is prep and torch.equal(y1, y2)
+    prep = kcuda._prepared_weights[id(qt.data)][1]
+    same_buffers = dataclasses.replace(qt)
+    y2 = kcuda.fused_gemm_4bit(x, same_buffers)
+    assert kcuda._prepared_weights[id(qt.data)][1] is prep and torch.equal(y1, y2)
     other = converter.quantize((torch.randn(256, 512, generator=gen) * 0.05).cuda(), "nf4", 64, False)
     assert rel_err(kcuda.fused_gemm_4bit(x, other), reference_matmul(x, other)) < 1e-2
-    assert kcuda._prepared_weights[id(other)][1] is not prep
-    key = id(qt)
-    del qt, prep
+    assert kcuda._prepared_weights[id(other.data)][1] is not prep
+    key = id(qt.data)
+    del qt, same_buffers, prep
     gc.collect()
     assert key not in kcuda._prepared_weights
 

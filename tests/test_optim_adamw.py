@@ -274,3 +274,27 @@ def test_works_with_transformers_trainer(tmp_path):
     trainer.train()
     assert opt.state[model.model.layers[0].mlp.up_proj.weight]["step"].item() == 3
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight.detach(), before)
+
+
+def test_failed_state_allocation_leaves_no_half_state():
+    """An allocation that fails (e.g. out of memory) while a parameter's state is first made leaves that
+    state empty, so the next step makes it again instead of tripping over a half-built state."""
+    class FailsOnce(AdamW8bit):
+        failed = False
+
+        def _allocate_state(self, param, specs):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise RuntimeError("simulated out of memory")
+            return super()._allocate_state(param, specs)
+
+    p = torch.nn.Parameter(torch.randn(5000))
+    p.grad = torch.randn(5000)
+    opt = FailsOnce([p])
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step()
+    assert len(opt.state[p]) == 0
+    before = p.detach().clone()
+    opt.step()
+    assert int(opt.state[p]["step"]) == 1 and not torch.equal(p.detach(), before)
+    assert set(opt.state[p]) == {"step", "state1", "absmax1", "state2", "absmax2"}

@@ -387,6 +387,7 @@ def fused_supported(rows: int, k: int, dtype: torch.dtype) -> bool:
 # and every call leaves them zero, so a zero-filled buffer is reused for as long as it is large enough.
 # Per stream because two streams running at once must not share counters.
 _split_workspaces: dict[tuple[int, int], torch.Tensor] = {}
+_MAX_SPLIT_WORKSPACES = 16  # streams remembered; code that makes a stream per call must not grow this
 
 
 def _split_workspace(rows: int, n_out: int, k: int, device: torch.device) -> torch.Tensor | None:
@@ -398,9 +399,16 @@ def _split_workspace(rows: int, n_out: int, k: int, device: torch.device) -> tor
         return None
     key = (_cuda_device(device).index, torch.cuda.current_stream(device).cuda_stream)
     ws = _split_workspaces.get(key)
-    if ws is None or ws.numel() < nbytes[0]:
-        ws = torch.zeros(nbytes[0], dtype=torch.uint8, device=device)
-        _split_workspaces[key] = ws
+    if ws is not None and ws.numel() >= nbytes[0]:
+        return ws
+    ws = torch.zeros(nbytes[0], dtype=torch.uint8, device=device)
+    if torch.cuda.is_current_stream_capturing():
+        # inside CUDA-graph capture the zero fill only runs when the graph replays: a buffer for this
+        # graph alone, not one for later eager calls on this stream
+        return ws
+    if key not in _split_workspaces and len(_split_workspaces) >= _MAX_SPLIT_WORKSPACES:
+        _split_workspaces.pop(next(iter(_split_workspaces)))  # the oldest stream's (its calls are ordered)
+    _split_workspaces[key] = ws
     return ws
 
 
@@ -408,22 +416,35 @@ class _PreparedWeight:
     """A 4-bit weight's launch arguments on one device: the 16-byte aligned packed codes and the scales
     struct, with the tensors they point into kept alive."""
 
-    __slots__ = ("device", "packed", "packed_ptr", "scales", "keep", "quant", "__weakref__")
+    __slots__ = ("device", "packed", "packed_ptr", "scales", "keep", "quant", "source_ptr", "scale_ptrs")
 
 
-# id(weight) -> (weak reference to it, its _PreparedWeight). A decode step calls fused_gemm_4bit once per
-# layer; rebuilding the struct, the alignment check and the device/dtype probes each time was a sizable
-# part of the ~60 us an eager call cost against ~25 us of kernel. Keyed by id with a weak reference
-# (QuantizedTensor is a frozen dataclass whose equality compares tensors, so it cannot key a dict).
+# id(packed tensor) -> (weak reference to it, its _PreparedWeight). A decode step calls fused_gemm_4bit once
+# per layer; rebuilding the struct, the alignment check and the device/dtype probes each time was a sizable
+# part of the ~60 us an eager call cost against ~25 us of kernel. Keyed by the packed-codes tensor, not the
+# QuantizedTensor: Linear4bit builds a new QuantizedTensor around the same buffers on every forward. An
+# entry is used only while the weight's tensors are still the ones it was built from (pointers compared),
+# so moving a module to another device or loading new buffers rebuilds it.
 _prepared_weights: dict[int, tuple] = {}
 
 
+def _scale_pointers(weight: QuantizedTensor) -> tuple:
+    nested = weight.nested
+    if nested is None:
+        return (weight.absmax.data_ptr(),)
+    return (nested.codes.data_ptr(), nested.absmax.data_ptr(), nested.code.data_ptr(), nested.offset, nested.blocksize)
+
+
 def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
-    entry = _prepared_weights.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1].device == device:
-        return entry[1]
+    source = weight.data
+    entry = _prepared_weights.get(id(source))
+    if entry is not None and entry[0]() is source:
+        prep = entry[1]
+        if (prep.device == device and prep.source_ptr == source.data_ptr() and prep.quant == _QUANT4[weight.quant_type]
+                and prep.scale_ptrs == _scale_pointers(weight)):
+            return prep
     ffi, _ = load()
-    packed = weight.data.reshape(-1)
+    packed = source.reshape(-1)
     if packed.data_ptr() % 16:
         packed = packed.clone()
     # the kernel reads the scales through raw pointers: they must be float32 on this device. They are
@@ -436,17 +457,18 @@ def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
         absmax = None if absmax is None else absmax.to(device=device, dtype=torch.float32).contiguous()
     prep = _PreparedWeight()
     prep.device, prep.packed, prep.keep = device, packed, (nested, absmax)
+    prep.source_ptr, prep.scale_ptrs = source.data_ptr(), _scale_pointers(weight)
     prep.packed_ptr = _ptr(packed, "uint8_t *")
     prep.scales = _scales(absmax, nested)
     prep.quant = _QUANT4[weight.quant_type]
-    key = id(weight)
-    _prepared_weights[key] = (weakref.ref(weight, lambda _ref, key=key: _forget(key, _ref)), prep)
+    key = id(source)
+    _prepared_weights[key] = (weakref.ref(source, lambda _ref, key=key: _forget(key, _ref)), prep)
     return prep
 
 
 def _forget(key: int, ref) -> None:
     entry = _prepared_weights.get(key)
-    if entry is not None and entry[0] is ref:  # not an entry of a newer object that reused the id
+    if entry is not None and entry[0] is ref:  # not an entry of a newer tensor that reused the id
         del _prepared_weights[key]
 
 

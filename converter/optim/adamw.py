@@ -74,30 +74,50 @@ class AdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         launches = {}  # CUDA devices -> their shared launch arguments for this step
         pending = {}  # (device, 8-bit?, param dtype, grad dtype) -> [elements, CUDA parameters stepped together]
-        for gi, group in enumerate(self.param_groups):
-            if group.get("amsgrad"):
-                raise OptimizerError(f"param group {gi}: AdamW8bit does not support amsgrad=True")
-            beta1, beta2 = group["betas"]
-            scalars_by_step = {}  # parameters of a group are usually on the same step: compute once
-            for pi, param in enumerate(group["params"]):
-                if param.grad is None or param.numel() == 0:
-                    continue
-                name = _describe(gi, pi, param)
-                grad = self._checked_grad(param, name)
-                state = self.state[param]
-                if not state:
-                    _init_state(param, state, group.get("min_8bit_size", self.defaults["min_8bit_size"]),
-                                self._allocate_state)
-                state["step"] += 1
-                step = int(state["step"].item())
-                if step not in scalars_by_step:
-                    scalars_by_step[step] = AdamWScalars.for_step(
-                        lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                        weight_decay=group["weight_decay"], step=step, maximize=group.get("maximize", False),
-                    )
-                self._update(param, grad, state, scalars_by_step[step], name, launches, pending)
+        try:
+            for gi, group in enumerate(self.param_groups):
+                self._collect_group(gi, group, launches, pending)
+        except BaseException:
+            # parameters collected for a multi-tensor launch have had their step counted: step them too, so
+            # that a caller who catches the error keeps consistent state; the first error is the one raised
+            try:
+                self._launch_pending(launches, pending)
+            except Exception:  # noqa: BLE001
+                pass
+            raise
         self._launch_pending(launches, pending)
         return loss
+
+    def _collect_group(self, gi, group, launches, pending) -> None:
+        """Step (CPU) or collect for a launch (CUDA) every parameter of group gi that has a gradient."""
+        if group.get("amsgrad"):
+            raise OptimizerError(f"param group {gi}: AdamW8bit does not support amsgrad=True")
+        beta1, beta2 = group["betas"]
+        scalars_by_step = {}  # parameters of a group are usually on the same step: compute once
+        for pi, param in enumerate(group["params"]):
+            if param.grad is None or param.numel() == 0:
+                continue
+            name = _describe(gi, pi, param)
+            grad = self._checked_grad(param, name)
+            state = self.state[param]
+            if not state:
+                _init_state(param, state, group.get("min_8bit_size", self.defaults["min_8bit_size"]),
+                            self._allocate_state)
+            self._preflight(param, state, name)  # every check before the step is counted
+            state["step"] += 1
+            step = int(state["step"].item())
+            if step not in scalars_by_step:
+                scalars_by_step[step] = AdamWScalars.for_step(
+                    lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=step, maximize=group.get("maximize", False),
+                )
+            self._update(param, grad, state, scalars_by_step[step], name, launches, pending)
+
+    def _preflight(self, param, state, name) -> None:
+        """Checks that must pass before a parameter's step is counted."""
+        if param.device.type == "cuda" and next(v for k, v in state.items() if k != "step").device != param.device:
+            raise OptimizerError(f"{name} is on {param.device} but its optimizer state is not (was the model moved "
+                                 "after the first step? move it before creating the optimizer)")
 
     def _checked_grad(self, param, name):
         grad = param.grad
@@ -125,9 +145,6 @@ class AdamW8bit(torch.optim.Optimizer):
             shared = launches.get(device)
             if shared is None:
                 shared = launches[device] = optim_cuda.StepLaunches(device)
-            if next(v for k, v in state.items() if k != "step").device != device:
-                raise OptimizerError(f"{name} is on {device} but its optimizer state is not (was the model moved "
-                                     "after the first step? move it before creating the optimizer)")
             self._before_cuda_update(param, state, shared)
             eight_bit = "state1" in state
             tensors = ((state["state1"], state["absmax1"], state["state2"], state["absmax2"]) if eight_bit
@@ -213,7 +230,9 @@ class AdamW8bit(torch.optim.Optimizer):
         A torch.optim.AdamW state dict loads too: its moments continue as 32-bit state."""
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         saved = {pid: dict(values) for pid, values in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
+        # torch would first convert every state tensor to its parameter's dtype and device (uint8 codes of
+        # an fp32 parameter become float32: AdamW's memory, all at once); the state is filled in below
+        super().load_state_dict({**state_dict, "state": {}})
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(saved_ids, params):
             if pid not in saved:
@@ -238,14 +257,15 @@ def _describe(gi: int, pi: int, param) -> str:
 def _init_state(param, state, min_8bit_size: int, allocate) -> None:
     """Zero moments, from `allocate(param, [(numel, dtype, fill), ...])` (AdamW8bit._allocate_state)."""
     n = param.numel()
-    state["step"] = torch.tensor(0.0, dtype=torch.float32)
     if n >= min_8bit_size:
         nb = -(-n // BLOCKSIZE)
         specs = [(n, torch.uint8, _ZERO_CODE_SIGNED), (nb, torch.float32, 0.0), (n, torch.uint8, 0),
                  (nb, torch.float32, 0.0)]
-        state["state1"], state["absmax1"], state["state2"], state["absmax2"] = allocate(param, specs)
+        made = dict(zip(_STATE8, allocate(param, specs)))
     else:
-        state["exp_avg"], state["exp_avg_sq"] = allocate(param, [(n, torch.float32, 0.0), (n, torch.float32, 0.0)])
+        made = dict(zip(_STATE32, allocate(param, [(n, torch.float32, 0.0), (n, torch.float32, 0.0)])))
+    # all or nothing: a failed allocation (out of memory) leaves no half state behind for the next step
+    state.update(step=torch.tensor(0.0, dtype=torch.float32), **made)
 
 
 def _validate_state(param, state, where: str) -> None:

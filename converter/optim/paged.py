@@ -25,10 +25,11 @@ class PagedAdamW8bit(AdamW8bit):
         super().__init__(params, *args, **kwargs)
 
     def state_dict(self):
-        """As torch's, with every state tensor copied out of its parameter's shared allocation: torch.save
-        refuses tensors of different dtypes viewing one storage (the codes and absmax of _allocate_state)."""
+        """As torch's, with every state tensor copied out of its parameter's shared allocation (torch.save
+        refuses tensors of different dtypes viewing one storage) into host memory: a copy on the GPU could
+        run out of device memory, which this optimizer exists to avoid. load_state_dict moves it back."""
         saved = super().state_dict()
-        saved["state"] = {pid: {k: v.clone() if isinstance(v, torch.Tensor) and k != "step" else v
+        saved["state"] = {pid: {k: v.to("cpu", copy=True) if isinstance(v, torch.Tensor) and k != "step" else v
                                 for k, v in values.items()}
                           for pid, values in saved["state"].items()}
         return saved
@@ -38,15 +39,18 @@ class PagedAdamW8bit(AdamW8bit):
         super().load_state_dict(state_dict)
 
     def add_param_group(self, param_group):
-        """As torch's (the constructor adds its groups through it too); CPU parameters are refused."""
-        super().add_param_group(param_group)
-        gi = len(self.param_groups) - 1
-        for pi, param in enumerate(self.param_groups[gi]["params"]):
+        """As torch's (the constructor adds its groups through it too); CPU parameters are refused before
+        the group is added, so a caught error leaves the optimizer as it was."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        gi = len(self.param_groups)
+        for pi, param in enumerate(params):
             _require_cuda(param, f"param group {gi} parameter {pi} {tuple(param.shape)}")
+        super().add_param_group({**param_group, "params": params})
 
-    def _update(self, param, grad, state, scalars, name, launches, pending):
+    def _preflight(self, param, state, name):
         _require_cuda(param, name)
-        super()._update(param, grad, state, scalars, name, launches, pending)
+        super()._preflight(param, state, name)
 
     def _before_cuda_update(self, param, state, launches):
         # One prefetch for a parameter whose state shares one allocation (as _allocate_state makes it);

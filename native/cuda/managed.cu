@@ -66,6 +66,14 @@ extern "C" qckpt_status qckpt_cuda_prefetch(const void *ptr, int64_t bytes, int3
     if (device != -1) {
         qckpt_status st = check_device(device);
         if (st != QCKPT_OK) return st;
+        /* Without concurrent managed access (Windows, WSL, some virtual GPUs) prefetching is an error;
+         * the driver migrates pages on demand there, so prefetching is skipped rather than refused. */
+        int concurrent = 0;
+        if (cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device) != cudaSuccess) {
+            cudaGetLastError();
+            concurrent = 0;
+        }
+        if (!concurrent) return QCKPT_OK;
     }
 #if CUDART_VERSION >= 13000
     cudaMemLocation where{};
