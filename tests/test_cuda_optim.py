@@ -379,17 +379,18 @@ def test_multi_launch_refuses_bad_tables(gen):
 
 
 def test_error_mid_step_still_steps_the_collected_parameters(gen):
-    """CUDA parameters are collected for a multi-tensor launch after their step is counted; an error on a
-    later parameter (a gradient of the wrong shape) still launches the collected ones, so a caller that
-    catches it keeps state consistent with a plain step of those parameters."""
+    """CUDA parameters are collected for a multi-tensor launch after their step is counted; an error in a
+    later group (here amsgrad switched on after construction) still launches the collected ones, so a
+    caller that catches it keeps state consistent with a plain step of those parameters."""
     good = torch.nn.Parameter(torch.randn(6000, generator=gen).to(DEV))
     twin = torch.nn.Parameter(good.detach().clone())
-    bad = torch.nn.Parameter(torch.randn(300, generator=gen).to(DEV))
+    other = torch.nn.Parameter(torch.randn(300, generator=gen).to(DEV))
     grad = torch.randn(6000, generator=gen).to(DEV)
-    good.grad, twin.grad, bad.grad = grad.clone(), grad.clone(), torch.randn(299, device=DEV)
-    opt, ref_opt = AdamW8bit([good, bad]), AdamW8bit([twin])
-    with pytest.raises(OptimizerError, match="does not match"):
+    good.grad, twin.grad, other.grad = grad.clone(), grad.clone(), torch.randn(300, device=DEV)
+    opt, ref_opt = AdamW8bit([{"params": [good]}, {"params": [other]}]), AdamW8bit([twin])
+    opt.param_groups[1]["amsgrad"] = True
+    with pytest.raises(OptimizerError, match="amsgrad"):
         opt.step()
     ref_opt.step()
-    assert int(opt.state[good]["step"]) == 1 and len(opt.state[bad]) == 0
+    assert int(opt.state[good]["step"]) == 1 and len(opt.state[other]) == 0
     assert _difference("param", good, twin) is None
