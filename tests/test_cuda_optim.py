@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from converter.errors import OptimizerError
-from converter.kernels import cuda as kcuda
 from converter.kernels import optim_cpu
 from converter.optim import AdamW8bit, PagedAdamW8bit, maps
 from converter.optim import reference as ref

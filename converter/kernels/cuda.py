@@ -413,10 +413,11 @@ def _split_workspace(rows: int, n_out: int, k: int, device: torch.device) -> tor
 
 
 class _PreparedWeight:
-    """A 4-bit weight's launch arguments on one device: the 16-byte aligned packed codes and the scales
-    struct, with the tensors they point into kept alive."""
+    """A 4-bit weight's launch arguments on one device: pointers to the 16-byte aligned packed codes and
+    the scales struct. Only copies made for it are kept alive here (`own`); the weight's own tensors are
+    not, so that moving a model off the GPU frees its memory: their pointers are compared on each use."""
 
-    __slots__ = ("device", "packed", "packed_ptr", "scales", "keep", "quant", "source_ptr", "scale_ptrs")
+    __slots__ = ("device", "packed_ptr", "scales", "own", "quant", "source_ptr", "scale_ptrs")
 
 
 # id(packed tensor) -> (weak reference to it, its _PreparedWeight). A decode step calls fused_gemm_4bit once
@@ -443,10 +444,11 @@ def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
         if (prep.device == device and prep.source_ptr == source.data_ptr() and prep.quant == _QUANT4[weight.quant_type]
                 and prep.scale_ptrs == _scale_pointers(weight)):
             return prep
-    ffi, _ = load()
+    own = []
     packed = source.reshape(-1)
     if packed.data_ptr() % 16:
         packed = packed.clone()
+        own.append(packed)
     # the kernel reads the scales through raw pointers: they must be float32 on this device. They are
     # when QuantizedTensor.to() moved everything together; only otherwise are copies made (once, so later
     # in-place edits of such a weight's original scales are not seen).
@@ -455,8 +457,9 @@ def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
     if probe.device != device or probe.dtype != torch.float32 or (nested is not None and nested.codes.device != device):
         nested = None if nested is None else _nested_on(nested, device)
         absmax = None if absmax is None else absmax.to(device=device, dtype=torch.float32).contiguous()
+        own.append((nested, absmax))
     prep = _PreparedWeight()
-    prep.device, prep.packed, prep.keep = device, packed, (nested, absmax)
+    prep.device, prep.own = device, tuple(own)
     prep.source_ptr, prep.scale_ptrs = source.data_ptr(), _scale_pointers(weight)
     prep.packed_ptr = _ptr(packed, "uint8_t *")
     prep.scales = _scales(absmax, nested)
