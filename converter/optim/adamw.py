@@ -5,8 +5,9 @@ State per parameter of >= min_8bit_size elements (bitsandbytes' names, so the la
   state2 / absmax2: second moment, uint8 codes of the unsigned dynamic map + float32 absmax per 256
 i.e. 2 + 8/256 = 2.03 bytes per parameter instead of AdamW's 8. Smaller tensors (biases, norms, small
 LoRA adapters) keep float32 exp_avg / exp_avg_sq: quantizing them saves little and costs accuracy.
-Both paths run one fused native call per parameter: the CPU library for CPU parameters, the CUDA extension
-on the parameter's device (its current stream) for CUDA parameters, with the same bytes either way;
+Every update is one fused native kernel: the CPU library's, one call per CPU parameter; the CUDA
+extension's on the parameter's device (its current stream), a few multi-tensor launches per device and
+step; the same bytes either way;
 converter/optim/reference.py defines the arithmetic. A parameter's state lives on the parameter's device.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ class AdamW8bit(torch.optim.Optimizer):
     """Drop-in for torch.optim.AdamW (same hyper-parameters and defaults) with 8-bit optimizer state.
 
     amsgrad, capturable and differentiable are not supported (a clear error); foreach and fused are
-    accepted for signature compatibility and ignored: every step is one fused kernel per parameter.
+    accepted for signature compatibility and ignored: every update is one fused native kernel.
     `min_8bit_size`: parameters with fewer elements keep 32-bit state. `threads`: native worker count of
     the CPU kernel (default: QCKPT_THREADS, else every core this process may use).
     Parameters may be CPU or CUDA tensors, also mixed within a group: each parameter's state is kept on
@@ -212,11 +213,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def _allocate_state(self, param, specs) -> list:
         """New 1-D state tensors on param's device, one per (numel, dtype, fill) of `specs`."""
-        return [self._new_state(numel, dtype, param.device, fill) for numel, dtype, fill in specs]
-
-    def _new_state(self, numel: int, dtype: torch.dtype, device: torch.device, fill) -> torch.Tensor:
-        """A new 1-D state tensor of `numel` elements filled with `fill`."""
-        return torch.full((numel,), fill, dtype=dtype, device=device)
+        return [torch.full((numel,), fill, dtype=dtype, device=param.device) for numel, dtype, fill in specs]
 
     def _copy_state(self, value: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A loaded state tensor as this optimizer's own flat copy on `device`."""

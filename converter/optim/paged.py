@@ -1,12 +1,12 @@
 """PagedAdamW8bit: AdamW8bit whose state lives in CUDA unified memory (cudaMallocManaged), so that a spike
 in activation memory pages optimizer state out to the host instead of failing with out-of-memory.
 
-Each state tensor is its own managed allocation (converter.kernels.optim_cuda.managed_empty), an ordinary
-CUDA tensor to torch. Before a parameter's step its state is prefetched to the parameter's device on the
-current stream, so the kernel that follows finds it resident rather than faulting it in page by page;
-when nothing pressed it out, the prefetch finds it there already. The step itself is AdamW8bit's CUDA
-kernel: the same bytes as AdamW8bit on the same device. state_dict() hands out the managed tensors as
-they are; load_state_dict() copies loaded state back into managed memory.
+A parameter's state is one managed allocation (converter.kernels.optim_cuda.managed_empty), viewed as
+ordinary CUDA tensors by torch. Before a parameter's step its state is prefetched to the parameter's device
+on the current stream, so the kernel that follows finds it resident rather than faulting it in page by
+page; when nothing pressed it out, the prefetch finds it there already. The step itself is AdamW8bit's
+CUDA kernel: the same bytes as AdamW8bit on the same device. state_dict() copies the state to host
+memory; load_state_dict() copies it back into managed memory (one allocation per tensor).
 """
 from __future__ import annotations
 
@@ -81,11 +81,6 @@ class PagedAdamW8bit(AdamW8bit):
             size = numel * torch.empty((), dtype=dtype).element_size()
             pieces.append(arena[offset:offset + size].view(dtype).fill_(fill))
         return pieces
-
-    def _new_state(self, numel, dtype, device, fill):
-        from ..kernels import optim_cuda
-
-        return optim_cuda.managed_empty(numel, dtype, device).fill_(fill)
 
     def _copy_state(self, value, device):
         from ..kernels import optim_cuda
