@@ -7,18 +7,20 @@
 # and bitsandbytes for the baseline. Each stage has its own time limit and the script keeps a total
 # budget (GPU_CHECK_BUDGET_S, default 330 s): a stage that would not fit is skipped and says so.
 # GPU_CHECK_CONVERT_ARGS adds arguments to bench_convert_cuda.py (e.g. --tiny for a smoke run).
-#   bash scripts/gpu_check.sh [--no-bench] [--quick] [--convert-gb N]
+#   bash scripts/gpu_check.sh [--no-bench] [--no-convert] [--no-optim] [--quick] [--convert-gb N]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
-BENCH=1 QUICK="" CONVERT_GB=6
+BENCH=1 CONVERT=1 OPTIM=1 QUICK="" CONVERT_GB=6
 BUDGET="${GPU_CHECK_BUDGET_S:-330}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-bench) BENCH=0 ;;
+    --no-convert) CONVERT=0 ;;
+    --no-optim) OPTIM=0 ;;
     --quick) QUICK="--quick" ;;
     --convert-gb) CONVERT_GB="$2"; shift ;;
   esac
@@ -64,10 +66,13 @@ tests_rc=$?
 tail -25 "$OUT/tests.log"
 
 # convert --device cuda vs cpu: byte check + timing on a Llama-7B-shaped checkpoint subset, with ceilings
-run_stage "convert benchmark (${CONVERT_GB} GB)" 150 60 "$PY" scripts/bench_convert_cuda.py --size-gb "$CONVERT_GB" \
-  --work /tmp/qc7b --out /tmp/qc7b_out ${GPU_CHECK_CONVERT_ARGS:-} > "$OUT/convert_bench.log" 2>&1
-convert_rc=$?
-tail -20 "$OUT/convert_bench.log"
+convert_rc=0
+if [ "$CONVERT" = 1 ]; then
+  run_stage "convert benchmark (${CONVERT_GB} GB)" 150 60 "$PY" scripts/bench_convert_cuda.py --size-gb "$CONVERT_GB" \
+    --work /tmp/qc7b --out /tmp/qc7b_out ${GPU_CHECK_CONVERT_ARGS:-} > "$OUT/convert_bench.log" 2>&1
+  convert_rc=$?
+  tail -20 "$OUT/convert_bench.log"
+fi
 cp /tmp/qc7b_out/convert_bench.md "$OUT/" 2>/dev/null
 rm -rf /tmp/qc7b
 
@@ -76,9 +81,11 @@ if [ "$BENCH" = 1 ]; then
   tail -30 "$OUT/bench_cuda.log"
   cp /tmp/bench_cuda/bench_cuda.md "$OUT/" 2>/dev/null
   mkdir -p /tmp/bench_optim
-  run_stage "optimizer benchmark" 90 30 "$PY" scripts/bench_optim.py --device cuda --out /tmp/bench_optim \
-    > /tmp/bench_optim/bench_optim.log 2>&1
-  tail -14 /tmp/bench_optim/bench_optim.log
+  if [ "$OPTIM" = 1 ]; then
+    run_stage "optimizer benchmark" 90 30 "$PY" scripts/bench_optim.py --device cuda --out /tmp/bench_optim \
+      > /tmp/bench_optim/bench_optim.log 2>&1
+    tail -14 /tmp/bench_optim/bench_optim.log
+  fi
 fi
 tar -czf "$OUT/details.tar.gz" -C /tmp $(cd /tmp && ls -d bench_cuda bench_optim qc7b_out 2>/dev/null) 2>/dev/null
 echo "gpu_check done in $(elapsed) s: tests exit $tests_rc, convert check exit $convert_rc"

@@ -169,6 +169,40 @@ def test_blockwise8_and_exact_mean_match_cpu(gen):
         assert same_bits(torch.tensor(got), torch.tensor(ref.exact_mean_f32(v))), (n, got, ref.exact_mean_f32(v))
 
 
+def test_nested_quantize_takes_the_mean_from_the_4bit_sums(gen):
+    """Double quantization as quantize_4bit launches it: the 4-bit kernel sums absmax into the workspace
+    and the nested kernel computes the exact mean from those sums (center 2) -- through the warp-per-block
+    kernel and, with its input misaligned, the general one: the same mean, codes and nested absmax as the
+    reference mean and the CPU library's 8-bit quantizer on the same absmax."""
+    _, lib = kcuda.load()
+    code = kcuda.nested_code("cuda")
+    for n, misaligned in ((64 * 1000 + 17, False), (64 * 3001, True), (5, False)):
+        nb = -(-n // 64)
+        w = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-60, 60, (nb,), generator=gen).float()).repeat_interleave(64)[:n]
+        wd = w.to(torch.bfloat16).cuda()
+        ws = kcuda.new_workspace("cuda")
+        stream = kcuda._stream(wd.device)
+        packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device="cuda")
+        buf = torch.empty(nb + 4, dtype=torch.float32, device="cuda")
+        absmax = buf[1:nb + 1] if misaligned else buf[:nb]
+        codes = torch.empty(nb, dtype=torch.uint8, device="cuda")
+        absmax2 = torch.empty(-(-nb // 256), dtype=torch.float32, device="cuda")
+        kcuda._check(lib.qckpt_cuda_workspace_reset(kcuda._ptr(ws, "int64_t *"), stream))
+        kcuda._check(lib.qckpt_cuda_quantize_4bit(kcuda._ptr(wd), kcuda._dtype_code(wd.dtype), n, 64,
+                                                  kcuda._QUANT4[QuantType.NF4], kcuda._ptr(packed, "uint8_t *"),
+                                                  kcuda._ptr(absmax, "float *"), 1, kcuda._ptr(ws, "int64_t *"), stream))
+        kcuda._check(lib.qckpt_cuda_quantize_blockwise8(
+            kcuda._ptr(absmax, "float *"), nb, 256, kcuda._ptr(code, "float *"), 2, kcuda._ptr(codes, "uint8_t *"),
+            kcuda._ptr(absmax2, "float *"), kcuda._ptr(ws, "int64_t *"), stream))
+        mean = kcuda.finish(ws)
+        host_absmax = absmax.cpu()
+        want_mean = ref.exact_mean_f32(host_absmax)
+        assert same_bits(torch.tensor(mean), torch.tensor(want_mean)), (n, mean, want_mean)
+        want_codes, want_absmax2 = cpu.quantize_blockwise8(host_absmax - want_mean, code.cpu(), 256)
+        assert same_bits(codes, want_codes), f"n={n}: {where_diff(codes, want_codes)}"
+        assert same_bits(absmax2, want_absmax2)
+
+
 @pytest.mark.parametrize("quant_type", QUANT4)
 def test_dequantize_same_bytes_as_cpu(quant_type, gen):
     """4-bit dequantize on the GPU (plain and double-quantized scales, every output dtype, odd sizes and

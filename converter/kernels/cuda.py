@@ -250,16 +250,18 @@ def quantize_4bit(x: torch.Tensor, quant_type: QuantType, blocksize: int, *, dou
     stream = _stream(device)
     ws = _ptr(workspace, "int64_t *")
     _check(lib.qckpt_cuda_workspace_reset(ws, stream), name)
+    # with double quant the kernel also sums absmax for the exact mean (no second pass over absmax)
     _check(lib.qckpt_cuda_quantize_4bit(_ptr(x), _dtype_code(x.dtype), n, blocksize, _QUANT4[quant_type],
-                                        _ptr(packed, "uint8_t *"), _ptr(absmax, "float *"), ws, stream), name)
+                                        _ptr(packed, "uint8_t *"), _ptr(absmax, "float *"), int(double_quant), ws,
+                                        stream), name)
     if not double_quant:
         return packed, absmax, None, None
     code = nested_code(device) if code is None else code
     codes = torch.empty((nb,), dtype=torch.uint8, device=device)
     absmax2 = torch.empty((-(-nb // cb.NESTED_BLOCKSIZE),), dtype=torch.float32, device=device)
-    _check(lib.qckpt_cuda_exact_mean(_ptr(absmax, "float *"), nb, ws, stream), name)
+    # center 2: the nested kernel takes the exact mean from the sums the 4-bit kernel left in `ws`
     _check(lib.qckpt_cuda_quantize_blockwise8(_ptr(absmax, "float *"), nb, cb.NESTED_BLOCKSIZE,
-                                              _ptr(code, "float *"), 1, _ptr(codes, "uint8_t *"),
+                                              _ptr(code, "float *"), 2, _ptr(codes, "uint8_t *"),
                                               _ptr(absmax2, "float *"), ws, stream), name)
     return packed, absmax, codes, absmax2
 

@@ -49,10 +49,8 @@ extern "C" const char *qckpt_cuda_last_error(void) { return qk::last_error; }
 extern "C" qckpt_status qckpt_cuda_workspace_reset(int64_t *workspace, void *stream) {
     if (!workspace) return qk::fail(QCKPT_E_INVALID, "NULL workspace");
     cudaStream_t s = (cudaStream_t)stream;
-    /* word 0 all ones (no bad index), the rest zero */
-    cudaError_t err = cudaMemsetAsync(workspace, 0xFF, sizeof(int64_t), s);
-    if (err == cudaSuccess)
-        err = cudaMemsetAsync(workspace + 1, 0, (QCKPT_CUDA_WORKSPACE_WORDS - 1) * sizeof(int64_t), s);
+    /* all zero: no bad index, zero sums (one memset: each is a node of a captured graph) */
+    const cudaError_t err = cudaMemsetAsync(workspace, 0, QCKPT_CUDA_WORKSPACE_WORDS * sizeof(int64_t), s);
     if (err != cudaSuccess) return qk::fail(QCKPT_E_INVALID, "workspace reset: %s", cudaGetErrorString(err));
     return QCKPT_OK;
 }
@@ -67,7 +65,7 @@ extern "C" qckpt_status qckpt_cuda_read_report(const int64_t *workspace, int64_t
     if (err != cudaSuccess) return qk::fail(QCKPT_E_INVALID, "reading the workspace: %s", cudaGetErrorString(err));
     uint32_t bits = (uint32_t)(uint64_t)words[1];
     memcpy(mean, &bits, sizeof bits);
-    *bad_index = (uint64_t)words[0] == qk::kNoBadIndex ? -1 : words[0];
+    *bad_index = qk::has_bad_index((uint64_t)words[0]) ? (int64_t)~(uint64_t)words[0] : -1;
     if (*bad_index >= 0)
         return qk::fail(QCKPT_E_NONFINITE, "NaN or inf at flat index %lld", (long long)*bad_index);
     return QCKPT_OK;

@@ -22,3 +22,4 @@ extern "C" qckpt_status qckpt_cuda_exact_mean(const float *values, int64_t n, in
         values, n, reinterpret_cast<unsigned long long *>(workspace));
     return qk::check_launch("exact_mean");
 }
+

@@ -8,11 +8,14 @@
 
 namespace {
 
+/* Lookups (gemm4.cuh LutMode): one batch tile (<= 8 rows) measured fastest with the shared table, two with
+ * the mixed one (scripts/cuda_tune/gemm4_sweep.cu --lut; BENCHMARKS.md). */
 template <typename T, int NT, int R, int W, int DEPTH, int MINB = 8 / W * 2>
 void launch(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
             int log2_bs, int qt, void *y, cudaStream_t s) {
     const int64_t blocks = qk::ceil_div(n_out, 16 * R);
-    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB><<<(unsigned)blocks, W * 32, 0, s>>>(
+    constexpr int kLut = NT == 1 ? qk::kLutShared : qk::kLutMixed;
+    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB, kLut><<<(unsigned)blocks, W * 32, 0, s>>>(
         static_cast<const T *>(x), batch, packed, sc, n_out, k, log2_bs, qt, static_cast<T *>(y));
 }
 

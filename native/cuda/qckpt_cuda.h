@@ -21,8 +21,9 @@
 extern "C" {
 #endif
 
-/* int64 words of a workspace: [0] first non-finite flat index (all ones: none), [1] float32 bits of the
- * last exact mean, [2] a completion counter, [3..258] per-exponent sums of the exact mean. */
+/* int64 words of a workspace: [0] the bitwise complement of the first non-finite flat index (0: none, so
+ * that an all-zero workspace is a fresh one), [1] float32 bits of the last exact mean, [2] a completion
+ * counter, [3..258] per-exponent sums of the exact mean. */
 enum { QCKPT_CUDA_WORKSPACE_WORDS = 259 };
 
 /* Block scales of a 4-bit weight: plain float32 (absmax != NULL), or double-quantized
@@ -46,16 +47,23 @@ qckpt_status qckpt_cuda_workspace_reset(int64_t *workspace, void *stream);
 qckpt_status qckpt_cuda_read_report(const int64_t *workspace, int64_t *bad_index, float *mean, void *stream);
 
 /* qckpt_quantize_4bit on the device: x (n elements of `dtype`) -> packed (ceil(n/2)), absmax (ceil(n/bs)).
- * x must be 16-byte aligned and packed 4-byte aligned. */
+ * x must be 16-byte aligned and packed 4-byte aligned. sum_absmax != 0 also adds the absmax values to the
+ * workspace's exact-mean sums (double quantization), for qckpt_cuda_quantize_blockwise8 with center 2:
+ * the mean then needs no pass over absmax of its own. */
 qckpt_status qckpt_cuda_quantize_4bit(const void *x, int32_t dtype, int64_t n, int64_t blocksize, int32_t quant_type,
-                                      uint8_t *packed, float *absmax, int64_t *workspace, void *stream);
+                                      uint8_t *packed, float *absmax, int32_t sum_absmax, int64_t *workspace,
+                                      void *stream);
 
 /* Exact float32 mean of n non-negative finite values (summed exactly, rounded once, ties to even: as
  * reference.exact_mean_f32), written to the workspace's mean word. n < 2^39. */
 qckpt_status qckpt_cuda_exact_mean(const float *values, int64_t n, int64_t *workspace, void *stream);
 
-/* qckpt_quantize_blockwise8 on the device. center != 0 first subtracts the workspace's mean from every
- * x (one float32 subtraction): the double quantization of absmax. code must be strictly increasing. */
+
+/* qckpt_quantize_blockwise8 on the device. center 1 first subtracts the workspace's mean from every x (one
+ * float32 subtraction); center 2 first computes that mean (exact, as qckpt_cuda_exact_mean) from the sums a
+ * qckpt_cuda_quantize_4bit call with sum_absmax left in the workspace, whose n absmax are this call's x, and
+ * writes it to the workspace's mean word: the double quantization of absmax. code must be strictly
+ * increasing. */
 qckpt_status qckpt_cuda_quantize_blockwise8(const float *x, int64_t n, int64_t blocksize, const float *code,
                                             int32_t center, uint8_t *codes, float *absmax, int64_t *workspace,
                                             void *stream);

@@ -142,6 +142,10 @@ if __name__ == "__main__":
             print("nvcc not found: CUDA compile check skipped")
             raise SystemExit(0)
         objs = compile_objects(found, BUILD / "check", arches=("80",) if "--quick" in sys.argv else ARCHES)
-        print(f"compiled {len(objs)} CUDA sources with {found}")
+        # link them too: a symbol defined twice (a non-template kernel in a header two .cu files include)
+        # or never defined fails here, not first on the GPU host
+        subprocess.run([found, "-shared", "-Xlinker", "--no-undefined", *objs, "-o", str(BUILD / "check" / "link.so")],
+                       check=True, capture_output=True, text=True)
+        print(f"compiled and linked {len(objs)} CUDA sources with {found}")
     else:
         print(f"built {build_in_place()}")

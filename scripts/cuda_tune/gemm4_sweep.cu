@@ -175,22 +175,22 @@ static void report(const char *kind, const std::string &cfg, const Problem &p, i
     fflush(stdout);
 }
 
-template <int NT, int R, int W, int DEPTH, int MINB>
+template <int NT, int R, int W, int DEPTH, int MINB, int LUT = kLutDefault>
 static void sweep_gemv(Problem &p, int batch) {
     if (batch > NT * 8) return;
     auto launch = [&](int c) {
-        gemm_4bit_kernel<bf16, NT, R, W, DEPTH, MINB><<<(unsigned)ceil_div(p.n_out, 16 * R), W * 32>>>(
+        gemm_4bit_kernel<bf16, NT, R, W, DEPTH, MINB, LUT><<<(unsigned)ceil_div(p.n_out, 16 * R), W * 32>>>(
             p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6, QCKPT_NF4, p.y);
     };
     launch(0);
     CK(cudaDeviceSynchronize());
     const double err = rel_error(p, batch);
     char cfg[64];
-    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d", NT, R, W, DEPTH, MINB);
+    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d L%d", NT, R, W, DEPTH, MINB, LUT);
     report("gemv", cfg, p, batch, 1, time_us(launch), err);
 }
 
-template <typename Shape, int DEPTH, int MINB>
+template <typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 static void sweep_tiled(Problem &p, int batch, int sms) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BN) * ceil_div(batch, Shape::BM), ktiles = p.k / kTiledBK;
     std::vector<int> splits_list = {1, 2, 4, 8, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2)};
@@ -199,15 +199,15 @@ static void sweep_tiled(Problem &p, int batch, int sms) {
     for (int splits : splits_list) {
         if (splits > 1 && ktiles / splits < 4) continue;
         auto launch = [&](int c) {
-            CK((launch_gemm_4bit_tiled<bf16, Shape, DEPTH, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
+            CK((launch_gemm_4bit_tiled<bf16, Shape, DEPTH, MINB, LUT>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
                                                             QCKPT_NF4, p.y, splits, p.workspace, 0)));
         };
         launch(0);
         CK(cudaDeviceSynchronize());
         const double err = rel_error(p, batch);
         char cfg[64];
-        snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d D%d MINB%d", Shape::WN, Shape::WM, Shape::NT16, Shape::MT,
-                 Shape::STAGES, DEPTH, MINB);
+        snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d D%d MINB%d L%d", Shape::WN, Shape::WM, Shape::NT16,
+                 Shape::MT, Shape::STAGES, DEPTH, MINB, LUT);
         report("tiled", cfg, p, batch, splits, time_us(launch), err);
     }
 }
@@ -232,6 +232,38 @@ int main(int argc, char **argv) {
     printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     const int sms = prop.multiProcessorCount;
     const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}};
+    /* --lut: the library's launch shapes under each lookup mode (LutMode: 0 shared, 1 registers, 2 mixed) */
+    if (argc > 1 && !strcmp(argv[1], "--lut")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            for (int batch : {1, 16}) {
+                sweep_gemv<1, 1, 4, 2, 4, 0>(p, batch);
+                sweep_gemv<1, 1, 4, 2, 4, 1>(p, batch);
+                sweep_gemv<1, 1, 4, 2, 4, 2>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, 0>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, 1>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, 2>(p, batch);
+                sweep_gemv<2, 2, 4, 1, 3, 0>(p, batch);
+                sweep_gemv<2, 2, 4, 1, 3, 1>(p, batch);
+                sweep_gemv<2, 2, 4, 1, 3, 2>(p, batch);
+                sweep_gemv<2, 1, 8, 1, 2, 0>(p, batch);
+                sweep_gemv<2, 1, 8, 1, 2, 1>(p, batch);
+                sweep_gemv<2, 1, 8, 1, 2, 2>(p, batch);
+            }
+            for (int lut = 0; lut < 3; lut++) { /* the library's tiled shapes */
+                auto small = lut == 0 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 0>
+                           : lut == 1 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 1>
+                                      : sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 2>;
+                auto large = lut == 0 ? sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2, 0>
+                           : lut == 1 ? sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2, 1>
+                                      : sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2, 2>;
+                small(p, 32, sms);
+                large(p, 128, sms);
+            }
+            free_problem(p);
+        }
+        return 0;
+    }
     for (auto &shape : shapes) {
         Problem p = make_problem(shape[0], shape[1]);
         for (int batch : {1, 8, 16}) {

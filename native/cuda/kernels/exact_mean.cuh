@@ -143,12 +143,61 @@ __host__ __device__ inline float mean_from_bins(const unsigned long long *bins, 
     return ldexpf((float)m, ulp);
 }
 
+/* A non-negative float32's place in the sums: value = m * 2^(e - 150) (subnormals scale like e = 1). */
+struct MeanTerm {
+    uint32_t e, m;
+};
+__device__ __forceinline__ MeanTerm mean_term(uint32_t bits) {
+    uint32_t e = bits >> 23, m = bits & 0x7FFFFFu;
+    if (e > 0) m |= 0x800000u; else e = 1;
+    return MeanTerm{e, m};
+}
+
+/* Shared memory of sums_mean_warp, declared by the calling kernel. (Static __shared__ variables inside a
+ * device function were placed outside the block's allocation when two kernels of one file inlined it:
+ * compute-sanitizer caught the out-of-bounds reads.) */
+struct MeanScratch {
+    unsigned long long bins[256];
+    uint32_t nonzero[8];
+    uint32_t limbs[kLimbs];
+    float mean;
+};
+
+/* The mean of the n values summed into ws, for one warp (every lane gets it); `clear` also zeroes the
+ * sums (and the counter) so the workspace is ready for the next call -- only when no other block still
+ * reads them. Called once every term is in ws: by the last block of the summing kernel, or by a kernel
+ * launched after it. */
+__device__ __forceinline__ float sums_mean_warp(unsigned long long *__restrict__ ws, int64_t n, MeanScratch &sc,
+                                                bool clear) {
+    const int lane = threadIdx.x & 31;
+    /* all 8 loads in flight at once, from L2 (the sums were added there by atomics): one round trip,
+     * where 8 dependent atomic exchanges took ~4 us */
+    unsigned long long v[8];
+#pragma unroll
+    for (int w = 0; w < 8; w++) v[w] = __ldcg(&ws[kWsBins + w * 32 + lane]);
+#pragma unroll
+    for (int w = 0; w < 8; w++) {
+        if (clear) __stcg(&ws[kWsBins + w * 32 + lane], 0ull);
+        sc.bins[w * 32 + lane] = v[w];
+        const uint32_t marks = __ballot_sync(kFullMask, v[w] != 0);
+        if (lane == 0) sc.nonzero[w] = marks;
+    }
+    __syncwarp();
+    if (lane == 0) {
+        sc.mean = mean_from_bins(sc.bins, (unsigned long long)n, sc.nonzero, sc.limbs);
+        if (clear) ws[kWsCounter] = 0;
+    }
+    __syncwarp();
+    return sc.mean;
+}
+
 /* Add each value's mantissa to the sum of its exponent: lanes with equal exponents are summed by a warp
  * reduction (32 * 2^24 fits 32 bits), so one shared atomic is issued per distinct exponent per warp. */
-__global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict__ values, int64_t n,
+static __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict__ values, int64_t n,
                                                          unsigned long long *__restrict__ ws) {
-    __shared__ unsigned long long bins[256];
+    __shared__ MeanScratch scratch;
     __shared__ bool last;
+    unsigned long long *bins = scratch.bins; /* this block's sums, then (last block) the totals */
     for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = 0;
     __syncthreads();
     const int lane = threadIdx.x & 31;
@@ -175,9 +224,8 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             const bool active = i0 + j < n;
-            const uint32_t bits = active ? __float_as_uint(v[j]) & 0x7FFFFFFFu : 0u;
-            uint32_t e = bits >> 23, m = bits & 0x7FFFFFu;
-            if (e > 0) m |= 0x800000u; else e = 1; /* subnormals scale like e = 1 */
+            const MeanTerm term = mean_term(active ? __float_as_uint(v[j]) & 0x7FFFFFFFu : 0u);
+            const uint32_t e = term.e, m = term.m;
             unsigned pending = __ballot_sync(kFullMask, active);
             while (pending) {
                 const int leader = __ffs(pending) - 1;
@@ -198,20 +246,9 @@ __global__ void __launch_bounds__(256) exact_mean_kernel(const float *__restrict
     __syncthreads();
     if (!last) return;
     __threadfence();
-    /* read the totals and leave the workspace reusable: the next call starts from zero sums */
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) bins[i] = atomicExch(&ws[kWsBins + i], 0ull);
-    __syncthreads();
     if (threadIdx.x < 32) {
-        __shared__ uint32_t nonzero[8];
-        __shared__ uint32_t limbs[kLimbs];
-        for (int w = 0; w < 8; w++) {
-            const uint32_t marks = __ballot_sync(kFullMask, bins[w * 32 + threadIdx.x] != 0);
-            if (threadIdx.x == 0) nonzero[w] = marks;
-        }
-        if (threadIdx.x == 0) {
-            ws[kWsMean] = __float_as_uint(mean_from_bins(bins, (unsigned long long)n, nonzero, limbs));
-            ws[kWsCounter] = 0;
-        }
+        const float mean = sums_mean_warp(ws, n, scratch, true);
+        if (threadIdx.x == 0) ws[kWsMean] = __float_as_uint(mean);
     }
 }
 

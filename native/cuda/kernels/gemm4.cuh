@@ -16,6 +16,8 @@
 #ifndef QCKPT_CUDA_GEMM4_CUH
 #define QCKPT_CUDA_GEMM4_CUH
 
+#include <type_traits>
+
 #include "../common.cuh"
 
 namespace qk {
@@ -105,26 +107,116 @@ struct PairTable {
     uint32_t b16[256]; /* bfloat16 path: the same pair rounded to bf16x2 */
 };
 
+/* Where the bfloat16 path looks codes up. The shared pair table costs one shared load per byte, and 32
+ * random bytes hit the same bank ~3 times per access (the L1/shared pipe was 80% busy at batch 1); the
+ * registers cost ~21 integer ops per 8 codes (the ALU pipe was 57% busy). Mixed splits a lane's rows
+ * between them so that both pipes share the work. */
+enum LutMode { kLutShared = 0, kLutRegs = 1, kLutMixed = 2 };
+constexpr int kLutDefault = kLutMixed;
+
+/* The table row half h (0, 1) of a fragment uses under `mode`: kLutShared or kLutRegs. (A conflict-free
+ * copy of the pair table per lane, 32 KiB a block, measured no faster than either: BENCHMARKS.md.) */
+__host__ __device__ constexpr int lut_kind(int mode, int h) {
+    return mode == kLutMixed ? (h == 0 ? kLutRegs : kLutShared) : mode;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+/* The 16 table values as bfloat16, split into byte planes held in registers: lo[i] holds the low bytes
+ * of values 4i..4i+3, hi[i] their high bytes. Why registers: a shared-memory pair table costs one lookup
+ * per packed byte, and random bytes from 32 lanes hit the same bank ~3 times per access -- at batch 1 that
+ * kept the L1/shared pipe 80% busy. Byte permutes (prmt) do the lookup in the ALUs instead. */
+struct RegLut {
+    uint32_t lo[4], hi[4];
+};
+
+__device__ __forceinline__ RegLut make_reg_lut(int quant_type) {
+    const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
+    RegLut r = {};
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        const uint32_t b = __bfloat16_as_ushort(__float2bfloat16_rn(lut[i]));
+        r.lo[i >> 2] |= (b & 0xFFu) << (8 * (i & 3));
+        r.hi[i >> 2] |= (b >> 8) << (8 * (i & 3));
+    }
+    return r;
+}
+
+/* Bytes 0..3 of `word` (8 codes, the first of each byte in its high nibble) -> 4 bf16x2 pairs, the
+ * first code in the low half: the same values as pack2(LUT[hi], LUT[lo]). A prmt picks 4 bytes out of
+ * 8 by 3-bit selectors, so each byte plane takes two (values 0-7 and 8-15) and a third chooses by
+ * each code's bit 3; two more interleave the planes. */
+__device__ __forceinline__ void reg_lookup_word(const RegLut &t, uint32_t word, uint32_t (&p)[4]) {
+    const uint32_t idx = word & 0x77777777u;                     /* low 3 bits of each code */
+    const uint32_t sel = 0x32103210u | ((word >> 1) & 0x44444444u); /* byte n of plane 0-7 or 8-15 */
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const uint32_t i = half ? idx >> 16 : idx, s = half ? sel >> 16 : sel;
+        /* byte n of l / h: the low / high byte of the value of nibble n (second code of each byte first) */
+        const uint32_t l = prmt(prmt(t.lo[0], t.lo[1], i), prmt(t.lo[2], t.lo[3], i), s);
+        const uint32_t h = prmt(prmt(t.hi[0], t.hi[1], i), prmt(t.hi[2], t.hi[3], i), s);
+        p[2 * half] = prmt(l, h, 0x4051u);     /* nibbles 1, 0: first byte's codes */
+        p[2 * half + 1] = prmt(l, h, 0x6273u); /* nibbles 3, 2: second byte's codes */
+    }
+}
+
+/* Both lookups; the float16 path uses the shared pair table, the bfloat16 path the registers. */
+struct Lut4 {
+    const PairTable *pairs;
+    RegLut reg;
+};
+
 template <typename T> struct PairDequant;
 template <> struct PairDequant<__half> {  /* exact: float32 product, one RNE rounding */
     float s;
     PairDequant() = default;
     __device__ __forceinline__ explicit PairDequant(float scale) : s(scale) {}
-    __device__ __forceinline__ uint32_t operator()(const PairTable &t, uint32_t byte) const {
-        const float2 p = t.f32[byte];
-        return pack2<__half>(__fmul_rn(p.x, s), __fmul_rn(p.y, s));
+    /* the 4 scaled pairs of the bytes of `w`, byte 0 first (one table: `regs` changes nothing) */
+    __device__ __forceinline__ void word(const Lut4 &t, uint32_t w, uint32_t (&p)[4], int /*kind*/) const {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float2 v = t.pairs->f32[(w >> (8 * q)) & 0xFF];
+            p[q] = pack2<__half>(__fmul_rn(v.x, s), __fmul_rn(v.y, s));
+        }
     }
 };
-template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply */
+template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply per pair */
     __nv_bfloat162 s;
     PairDequant() = default;
     __device__ __forceinline__ explicit PairDequant(float scale) : s(__float2bfloat162_rn(scale)) {}
-    __device__ __forceinline__ uint32_t operator()(const PairTable &t, uint32_t byte) const {
-        const uint32_t p = t.b16[byte];
-        __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&p), s);
-        return *reinterpret_cast<uint32_t *>(&v);
+    __device__ __forceinline__ void word(const Lut4 &t, uint32_t w, uint32_t (&p)[4], int kind) const {
+        if (kind == kLutRegs) reg_lookup_word(t.reg, w, p);
+        else
+#pragma unroll
+            for (int q = 0; q < 4; q++) p[q] = t.pairs->b16[(w >> (8 * q)) & 0xFF];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&p[q]), s);
+            p[q] = *reinterpret_cast<uint32_t *>(&v);
+        }
     }
 };
+
+/* The kernels' lookup tables: the shared pair tables filled by the block (the caller synchronizes), the
+ * register planes for bfloat16 unless `mode` keeps every lookup in shared memory. */
+template <typename T>
+__device__ __forceinline__ Lut4 make_lut4(PairTable &pairs, int quant_type, int mode) {
+    const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
+    const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+    if (!bf16 || mode != kLutRegs)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            if (bf16) pairs.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
+            else pairs.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
+        }
+    Lut4 t;
+    t.pairs = &pairs;
+    t.reg = bf16 && mode != kLutShared ? make_reg_lut(quant_type) : RegLut{};
+    return t;
+}
 
 /* A block scale from the raw values loaded ahead of use (absmax; absmax2 and the code index when
  * nested), exactly as block_scale(): two float32 roundings when nested. */
@@ -133,8 +225,8 @@ __device__ __forceinline__ float raw_block_scale(const Scales &scales, const flo
     return scales.absmax ? raw : __fadd_rn(__fmul_rn(code[code_index], raw), scales.offset);
 }
 
-template <typename T, int NT, int R>
-__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const PairTable &tab, const Scales &scales,
+template <typename T, int NT, int R, int LUT>
+__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Lut4 &tab, const Scales &scales,
                                              const float *code, float (&acc)[R][NT][4]) {
     PairDequant<T> deq[R][2];
 #pragma unroll
@@ -143,42 +235,44 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Pai
         for (int h = 0; h < 2; h++) /* outside the weight: finite, and multiplied by zero x or discarded */
             deq[r][h] = PairDequant<T>(raw_block_scale(scales, code, f.scale[r][h], f.code_index[r][h]));
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
+    for (int jw = 0; jw < 4; jw++) {
+        /* word jw of each row's 16 bytes feeds k16 steps j = 2jw (bytes 0, 1) and 2jw + 1 (bytes 2, 3) */
+        uint32_t p[R][2][4];
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            uint32_t a[4];
+        for (int r = 0; r < R; r++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const uint32_t word = reinterpret_cast<const uint32_t *>(&f.w[r][h])[j >> 1];
-                const int sh = (j & 1) * 16;
-                a[h] = deq[r][h](tab, (word >> sh) & 0xFF);
-                a[2 + h] = deq[r][h](tab, (word >> (sh + 8)) & 0xFF);
-            }
+            for (int h = 0; h < 2; h++)
+                deq[r][h].word(tab, reinterpret_cast<const uint32_t *>(&f.w[r][h])[jw], p[r][h], lut_kind(LUT, h));
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                const uint32_t *xw = reinterpret_cast<const uint32_t *>(f.x[nt]);
-                mma16816<T>(acc[r][nt], a, xw[2 * j], xw[2 * j + 1]);
+        for (int j2 = 0; j2 < 2; j2++) {
+            const int j = 2 * jw + j2;
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const uint32_t a[4] = {p[r][0][2 * j2], p[r][1][2 * j2], p[r][0][2 * j2 + 1], p[r][1][2 * j2 + 1]};
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const uint32_t *xw = reinterpret_cast<const uint32_t *>(f.x[nt]);
+                    mma16816<T>(acc[r][nt], a, xw[2 * j], xw[2 * j + 1]);
+                }
             }
         }
     }
 }
 
 /* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed; MINB blocks
- * per multiprocessor bound the registers. */
-template <typename T, int NT, int R, int W, int DEPTH, int MINB>
+ * per multiprocessor bound the registers; LUT: where bfloat16 codes are looked up (LutMode). */
+template <typename T, int NT, int R, int W, int DEPTH, int MINB, int LUT = kLutDefault>
 __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__restrict__ x, int batch,
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
-    __shared__ PairTable tab;
+    static_assert(DEPTH == 1 || DEPTH == 2, "the register pipeline holds one or two steps ahead");
+    __shared__ PairTable pairs;
     __shared__ float code[256];
     __shared__ float red[W][R][NT][4][32];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
-        tab.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
-        tab.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
-        if (!scales.absmax) code[i] = scales.code[i];
-    }
+    const Lut4 tab = make_lut4<T>(pairs, quant_type, LUT);
+    if (!scales.absmax)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
     __syncthreads();
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -194,7 +288,7 @@ __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__rest
         if (s + DEPTH * W < steps)
             gemm_load<T, NT, R>(DEPTH == 2 ? n2 : n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0,
                                 s + DEPTH * W, g, t);
-        gemm_compute<T, NT, R>(cur, tab, scales, code, acc);
+        gemm_compute<T, NT, R, LUT>(cur, tab, scales, code, acc);
         cur = n1;
         if (DEPTH == 2) n1 = n2;
     }

@@ -38,14 +38,6 @@ struct TiledShape {
     static constexpr int kSmemBytes = STAGES * kStageBytes;
 };
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    const int src_bytes = valid ? 16 : 0; /* 0: no read, the 16 bytes are zero-filled */
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 /* byte offset of 16-byte chunk c (0..7) of row r inside a stage */
 __device__ __forceinline__ int tiled_x_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
@@ -92,9 +84,9 @@ __device__ __forceinline__ void tiled_load_x(unsigned char *stage, const void *_
     }
 }
 
-template <typename T, typename Shape>
+template <typename T, typename Shape, int LUT>
 __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const TiledWFrag<Shape::NT16> &f,
-                                              const PairTable &tab, const Scales &scales, const float *code,
+                                              const Lut4 &tab, const Scales &scales, const float *code,
                                               int wm, int g, int t, float (&acc)[Shape::NT16][Shape::MT][4]) {
     constexpr int NT16 = Shape::NT16, MT = Shape::MT;
     PairDequant<T> deq[NT16][2];
@@ -108,16 +100,17 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
         /* A fragments of k16 steps j = 2jj, 2jj + 1: bytes 2j, 2j + 1 of the lane's 8 per row */
         uint32_t a[2][NT16][4];
 #pragma unroll
-        for (int j2 = 0; j2 < 2; j2++)
+        for (int i = 0; i < NT16; i++)
 #pragma unroll
-            for (int i = 0; i < NT16; i++)
+            for (int h = 0; h < 2; h++) {
+                uint32_t p[4];
+                deq[i][h].word(tab, jj ? f.w[i][h].y : f.w[i][h].x, p, lut_kind(LUT, h));
 #pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const uint32_t word = jj ? f.w[i][h].y : f.w[i][h].x;
-                    const int sh = j2 * 16;
-                    a[j2][i][h] = deq[i][h](tab, (word >> sh) & 0xFF);
-                    a[j2][i][2 + h] = deq[i][h](tab, (word >> (sh + 8)) & 0xFF);
+                for (int j2 = 0; j2 < 2; j2++) {
+                    a[j2][i][h] = p[2 * j2];
+                    a[j2][i][2 + h] = p[2 * j2 + 1];
                 }
+            }
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
             const int r = (wm * MT + mt) * 8 + g;
@@ -134,21 +127,18 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
 /* grid: (n tiles, m tiles, splits). counters: one per (n, m) tile, zero on entry and left zero; partials:
  * splits * batch * n_out floats. Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
  * aligned base) and 8-byte aligned packed. */
-template <typename T, typename Shape, int DEPTH, int MINB>
+template <typename T, typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 __global__ void __launch_bounds__(Shape::kThreads, MINB)
     gemm_4bit_tiled_kernel(const T *__restrict__ x, int batch, const uint8_t *__restrict__ packed, Scales scales,
                            int64_t n_out, int64_t k, int log2_bs, int quant_type, T *__restrict__ y,
                            float *__restrict__ partials, int *__restrict__ counters) {
     extern __shared__ __align__(128) unsigned char smem_x[];
-    __shared__ PairTable tab;
+    __shared__ PairTable pairs;
     __shared__ float code[256];
     __shared__ int is_last;
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
-        tab.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
-        tab.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
-        if (!scales.absmax) code[i] = scales.code[i];
-    }
+    const Lut4 tab = make_lut4<T>(pairs, quant_type, LUT);
+    if (!scales.absmax)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
 
     constexpr int NT16 = Shape::NT16, MT = Shape::MT, STAGES = Shape::STAGES;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -188,7 +178,7 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
             const TiledWFrag<NT16> cur = ring[d];
             if (it + DEPTH < nk)
                 tiled_load_w<NT16>(ring[d], packed, scales, n_out, k, log2_bs, row0, kt0 + it + DEPTH, g, t);
-            tiled_compute<T, Shape>(smem_x + (it % STAGES) * Shape::kStageBytes, cur, tab, scales, code, wm, g, t,
+            tiled_compute<T, Shape, LUT>(smem_x + (it % STAGES) * Shape::kStageBytes, cur, tab, scales, code, wm, g, t,
                                     acc);
         }
     }
@@ -246,11 +236,11 @@ inline int64_t tiled_workspace_bytes(int splits, int batch, int64_t n_out) {
 }
 
 /* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
-template <typename T, typename Shape, int DEPTH, int MINB>
+template <typename T, typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 cudaError_t launch_gemm_4bit_tiled(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                    int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace,
                                    cudaStream_t s) {
-    auto kernel = gemm_4bit_tiled_kernel<T, Shape, DEPTH, MINB>;
+    auto kernel = gemm_4bit_tiled_kernel<T, Shape, DEPTH, MINB, LUT>;
     /* dynamic + static shared memory above 48 KiB needs the opt-in, which is per device: set it each time */
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
     if (err != cudaSuccess) return err;

@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(256) quantize_int8_rowwise_kernel(const T *__r
         if (m >= 0x7F800000u) {
             for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
                 if ((__float_as_uint(to_f32<T>(row[c])) & 0x7FFFFFFFu) >= 0x7F800000u)
-                    atomicMin(&ws[kWsBad], (unsigned long long)(r * cols + c));
+                    record_bad_index(ws, (unsigned long long)(r * cols + c));
             continue;
         }
         const float amax = __uint_as_float(m);
