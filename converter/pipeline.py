@@ -5,10 +5,9 @@ is done (config.json last), so an interrupted run leaves nothing that looks like
 Finished output shards are recorded in .qckpt-partial/progress.json; --resume re-hashes them and skips
 their tensors (and the source shards only they need).
 
-With a config.json, transformers' plan is built in the background (plan.PendingPlan: a thread, or a child
-process from PLAN_IN_CHILD_MIN_BYTES on, where a thread's share of the GIL slowed the conversion loop)
-while the first output shard is produced on a name-based guess; that shard is committed only if the real
-plan is identical, else the work is redone on the real plan. With push_to, each committed shard is uploaded and deleted at once
+With a config.json, transformers' plan is built in a thread (plan.PendingPlan) while the first output shard
+is produced on a name-based guess; that shard is committed only if the real plan is identical, else the
+work is redone on the real plan. With push_to, each committed shard is uploaded and deleted at once
 (publish.HubShardStream) and one commit is made from staging at the end, before OUTPUT is filled.
 """
 from __future__ import annotations
@@ -36,10 +35,6 @@ from .shards.index import INDEX_NAME, index_json, shard_name
 from .shards.reader import SafetensorsFile
 from .shards.header import Entry
 from .shards.writer import ShardWriter
-
-# Checkpoints this large build transformers' plan in a child process (plan.PendingPlan): starting Python
-# again costs ~1-3 s, less than a plan thread competing for the GIL with a conversion of this size.
-PLAN_IN_CHILD_MIN_BYTES = 1 << 30
 
 STAGING = ".qckpt-partial"
 PROGRESS = "progress.json"
@@ -335,8 +330,7 @@ def convert(
             # for a source whose config then turns out unusable
             plan = plan_with_config(infos, src.config_dir, settings.skip)
         else:
-            big = sum(info.nbytes for _, info in infos) >= PLAN_IN_CHILD_MIN_BYTES
-            run.pending = PendingPlan(infos, src.config_dir, settings.skip, in_process=not big)
+            run.pending = PendingPlan(infos, src.config_dir, settings.skip)
             plan = run.pending.guess
         assignment = assign_shards(plan, settings.quant, settings.blocksize, settings.double_quant,
                                    settings.max_shard_size)

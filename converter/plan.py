@@ -167,7 +167,7 @@ def plan_without_config(infos: list, skip_globs=()) -> Plan:
 
 
 class PendingPlan:
-    """transformers' plan (plan_with_config) built in the background while the caller starts work on a
+    """transformers' plan (plan_with_config) built in a background thread while the caller starts work on a
     name-based guess (plan_without_config).
 
     Building the skeleton means importing transformers' model code: seconds of a conversion that otherwise
@@ -175,29 +175,24 @@ class PendingPlan:
     norms, lm_head kept). Work done on it may be kept only once `confirmed()` says the real plan is
     identical tensor for tensor (name, shard, quantize, transpose); otherwise the caller redoes it with the
     real plan, so the output never depends on the guess.
-
-    in_process=False builds it in a child process (plan_worker) instead of a thread, for conversions long
-    enough that sharing the GIL with the conversion loop costs more than starting Python again.
     """
 
-    def __init__(self, infos: list, config_dir: str, skip_globs=(), *, in_process: bool = True):
+    def __init__(self, infos: list, config_dir: str, skip_globs=()):
         import concurrent.futures
         import time
 
         self.guess = plan_without_config(infos, skip_globs)
-        self.seconds = None  # how long the real plan took to build, in its thread or child
+        self.seconds = None  # how long the real plan took to build, in its thread
 
         def build():
             t0 = time.perf_counter()
             try:
-                if in_process:
-                    return plan_with_config(infos, config_dir, skip_globs)
-                return _plan_in_child(infos, config_dir, skip_globs)
+                return plan_with_config(infos, config_dir, skip_globs)
             finally:
                 self.seconds = time.perf_counter() - t0
 
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="qckpt-plan")
-        self._future = pool.submit(build)  # a child is waited on by this thread, which holds no GIL then
+        self._future = pool.submit(build)
         pool.shutdown(wait=False)
 
     def result(self) -> Plan:
@@ -206,34 +201,6 @@ class PendingPlan:
 
     def confirmed(self) -> bool:
         return self.result().tensors == self.guess.tensors
-
-
-def _plan_in_child(infos: list, config_dir: str, skip_globs) -> Plan:
-    """plan_with_config run by `python -m converter.plan_worker`; its errors are raised here."""
-    import json
-    import subprocess
-    import sys
-
-    from . import plan_worker
-
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    request = json.dumps({"config_dir": os.path.abspath(config_dir), "skip": list(skip_globs),
-                          "infos": plan_worker.infos_to_json(infos)})
-    child = subprocess.run([sys.executable, "-m", "converter.plan_worker"], input=request, capture_output=True,
-                           text=True, env=env)
-    try:
-        reply = json.loads(child.stdout)
-    except ValueError:
-        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CheckpointError(f"{config_dir}: planning the conversion failed (exit status {child.returncode}): "
-                              f"{last}") from None
-    if "error" in reply:
-        if reply["checkpoint_error"]:
-            raise CheckpointError(reply["error"])
-        raise CheckpointError(f"{config_dir}: planning the conversion failed: {reply['error']}")
-    return plan_worker.plan_from_json(reply["plan"])
 
 
 def predicted_bytes(tp: TensorPlan, quant: str, blocksize: int, double_quant: bool) -> int:

@@ -10,7 +10,7 @@ import torch
 import converter
 from converter import pipeline
 from converter.errors import OutputExistsError
-from checkpoint_factory import STORIES, tiny_gpt2, tiny_llama
+from checkpoint_factory import STORIES, tiny_llama
 
 
 def _shard_bytes(folder):
@@ -215,36 +215,3 @@ def test_plan_thread_leaves_torch_default_dtype_alone(tmp_path, monkeypatch):
     model, name = plan.build_skeleton(src)
     assert name == "LlamaForCausalLM" and calls == []
     assert next(model.parameters()).device.type == "meta"
-
-
-@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_plan_built_in_a_child_process_is_the_same(tmp_path, make, monkeypatch):
-    """Large checkpoints build transformers' plan in `python -m converter.plan_worker` (JSON over pipes):
-    the plan equals the one built in this process (GPT-2: transposed Conv1D weights, a --skip glob), and a
-    conversion on it writes the same bytes."""
-    from converter import plan as plan_mod
-    from converter.errors import CheckpointError
-    from converter.sources import open_source
-
-    src = make(tmp_path / "src")
-    source = open_source(src)
-    infos = pipeline._collect_infos(source)
-    skip = ("*.0.mlp.*",)
-    child = plan_mod.PendingPlan(infos, source.config_dir, skip, in_process=False).result()
-    assert child == plan_mod.plan_with_config(infos, source.config_dir, skip)
-    assert any(t.quantize for t in child.tensors) and any(not t.quantize for t in child.tensors)
-    source.close()
-
-    default = converter.convert(src, tmp_path / "thread", progress=False)
-    monkeypatch.setattr(pipeline, "PLAN_IN_CHILD_MIN_BYTES", 0)
-    in_child = converter.convert(src, tmp_path / "child", progress=False)
-    assert in_child.timings["plan_thread_s"] > 0
-    assert _shard_bytes(tmp_path / "child") == _shard_bytes(tmp_path / "thread")
-    assert [t.name for t in in_child.tensors] == [t.name for t in default.tensors]
-
-    # an unreadable config fails in the child and is raised here, naming the file, with nothing written
-    with open(os.path.join(src, "config.json"), "w") as f:
-        f.write('{"model_type": "no-such-model"}')
-    with pytest.raises(CheckpointError, match="config.json"):
-        converter.convert(src, tmp_path / "bad", progress=False)
-    assert not os.path.exists(tmp_path / "bad" / "config.json")
