@@ -28,6 +28,7 @@ from .errors import CheckpointError, OutputExistsError, QuantizationInputError
 from .formats import codebooks as cb
 from .error_stats import error_stats
 from .formats.codebooks import QuantType
+from .overlap import OrderedWorker, ReadAhead
 from .plan import PendingPlan, TensorPlan, assign_shards, plan_with_config, plan_without_config
 from .report import Report, TensorStat, model_card
 from .shards.digest import sha256_file
@@ -131,6 +132,11 @@ def _write_text(path: str, text: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _add_all(writer: ShardWriter, outputs: list) -> None:
+    for key, value in outputs:
+        writer.add(key, value)
+
+
 class _Run:
     """Per-conversion state, passed explicitly (no globals)."""
 
@@ -154,16 +160,21 @@ class _Run:
             buf = self._scratch[slot] = torch.empty(numel, dtype=torch.float32, device=device)
         return buf[:numel]
 
-    def process_tensor(self, reader: SafetensorsFile, tp: TensorPlan, writer: ShardWriter) -> TensorStat:
+    def process_tensor(self, reader: SafetensorsFile, tp: TensorPlan, writer: ShardWriter, *, reads=None,
+                       writes=None) -> TensorStat:
+        """Quantize (or copy) one tensor into `writer`. reads: an overlap.ReadAhead over `reader`; writes: an
+        overlap.OrderedWorker that appends to the shard in the background (drained before a copy)."""
         s = self.settings
         t0 = time.perf_counter()
         if not tp.quantize:  # streamed in chunks: an embedding never sits in memory whole
+            if writes is not None:
+                writes.drain()  # the shard's pieces stay in order
             writer.add_stream(Entry(tp.name, tp.info.dtype, tp.info.shape), lambda write: reader.copy_raw(tp.name, write))
             self.timings["write_s"] += time.perf_counter() - t0
             return TensorStat(tp.name, tp.info.shape, tp.info.dtype, "copy", tp.info.nbytes, tp.info.nbytes)
         from .tensor import quantize
 
-        tensor = reader.read(tp.name)
+        tensor = reads.read(tp.name) if reads is not None else reader.read(tp.name)
         t1 = time.perf_counter()
         self.timings["read_s"] += t1 - t0
 
@@ -182,9 +193,15 @@ class _Run:
         t3 = time.perf_counter()
         self.timings["error_s"] += t3 - t2
         after = 0
+        outputs = []
         for key, value in qt.state_dict(tp.module + ".").items():
-            writer.add(key, value)
+            outputs.append((key, value.cpu()))  # device copies here: the writer thread only does file I/O
             after += value.numel() * value.element_size()
+        if writes is None:
+            for key, value in outputs:
+                writer.add(key, value)
+        else:
+            writes.submit(_add_all, writer, outputs)
         self.timings["write_s"] += time.perf_counter() - t3
         return TensorStat(tp.name, tp.info.shape, tp.info.dtype, s.quant, tp.info.nbytes, after, rel, max_abs)
 
@@ -385,42 +402,57 @@ def _convert_shards(run, src, plan, assignment, n_out, done, fingerprint) -> dic
     stats = {}
     writer = None
     writer_index = None
+    writes = OrderedWorker("qckpt-write")  # appends to the open shard in the background
     bar = _progress_bar(sum(plan.tensors[i].info.nbytes for i in todo), run.progress, "quantize")
     try:
         for shard, path in src.iter_shards(needed):
             with SafetensorsFile(path, display_name=getattr(src, "display_name", lambda s: s)(shard)) as reader:
                 _check_same_header(reader, plan, by_shard[shard])
-                for i in by_shard[shard]:
-                    tp = plan.tensors[i]
-                    out = assignment[i]
-                    if writer is None or writer_index != out:
-                        writer = ShardWriter(os.path.join(run.staging, shard_name(out, n_out)))
-                        writer_index = out
-                    stats[i] = run.process_tensor(reader, tp, writer)
-                    bar.update(tp.info.nbytes)
-                    if i == last_of[out]:
-                        if run.pending is not None:  # nothing is committed on a guessed plan
-                            _confirm_plan(run)
-                        t0 = time.perf_counter()
-                        sha = writer.commit()
-                        run.timings["write_s"] += time.perf_counter() - t0
-                        # the index is built from these, not by reopening the file (gone after a push)
-                        done[out] = {"file": shard_name(out, n_out), "sha256": sha,
-                                     "tensors": {e.name: e.nbytes for e in writer.entries()},
-                                     "stats": [stats[j].to_dict() for j in range(len(assignment)) if assignment[j] == out]}
-                        _save_progress(run.staging, fingerprint, done)
-                        writer = None
-                        if run.stream is not None:
-                            t0 = time.perf_counter()
-                            run.stream.add_shard(os.path.join(run.staging, done[out]["file"]), done[out]["file"])
-                            run.timings["push_s"] = run.timings.get("push_s", 0.0) + time.perf_counter() - t0
+                reads = ReadAhead(reader, [plan.tensors[i].name for i in by_shard[shard] if plan.tensors[i].quantize])
+                try:
+                    for i in by_shard[shard]:
+                        tp = plan.tensors[i]
+                        out = assignment[i]
+                        if writer is None or writer_index != out:
+                            writer = ShardWriter(os.path.join(run.staging, shard_name(out, n_out)))
+                            writer_index = out
+                        stats[i] = run.process_tensor(reader, tp, writer, reads=reads, writes=writes)
+                        bar.update(tp.info.nbytes)
+                        if i == last_of[out]:
+                            writes.drain()
+                            writer = _commit_shard(run, writer, out, n_out, assignment, stats, done, fingerprint)
+                finally:
+                    reads.close()
     except BaseException:
+        writes.close()
         if writer is not None:
             writer.abort()
         raise
     finally:
         bar.close()
+    writes.close()
     return stats
+
+
+def _commit_shard(run, writer, out, n_out, assignment, stats, done, fingerprint) -> None:
+    """Make output shard `out` appear (after confirming a guessed plan: nothing is committed on a guess),
+    record it for the index and --resume, and push it with --push-to. Returns None: the caller's writer
+    for the next shard is opened when its first tensor comes."""
+    if run.pending is not None:
+        _confirm_plan(run)
+    t0 = time.perf_counter()
+    sha = writer.commit()
+    run.timings["write_s"] += time.perf_counter() - t0
+    # the index is built from these, not by reopening the file (gone after a push)
+    done[out] = {"file": shard_name(out, n_out), "sha256": sha,
+                 "tensors": {e.name: e.nbytes for e in writer.entries()},
+                 "stats": [stats[j].to_dict() for j in range(len(assignment)) if assignment[j] == out]}
+    _save_progress(run.staging, fingerprint, done)
+    if run.stream is not None:
+        t0 = time.perf_counter()
+        run.stream.add_shard(os.path.join(run.staging, done[out]["file"]), done[out]["file"])
+        run.timings["push_s"] = run.timings.get("push_s", 0.0) + time.perf_counter() - t0
+    return None
 
 
 class _GuessWasWrong(Exception):

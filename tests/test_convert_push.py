@@ -110,11 +110,11 @@ def test_conversion_error_after_uploads_commits_nothing(hub, src, tmp_path, monk
     original = pipeline._Run.process_tensor
     calls = []
 
-    def failing(self, reader, tp, writer):
+    def failing(self, reader, tp, writer, **io):
         calls.append(tp.name)
         if len(calls) == 12:  # past the first shard
             raise OSError("simulated crash")
-        return original(self, reader, tp, writer)
+        return original(self, reader, tp, writer, **io)
 
     monkeypatch.setattr(pipeline._Run, "process_tensor", failing)
     with pytest.raises(OSError, match="simulated crash"):
