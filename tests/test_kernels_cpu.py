@@ -232,6 +232,25 @@ def test_blockwise8_exact_midpoint_ties_go_to_even(cpu_isas):
         assert torch.equal(codes, ref.codes_nearest_even(x, code)), isa
 
 
+def test_blockwise8_subnormal_absmax_blocks_match_reference(cpu_isas, gen):
+    """A block whose absmax is below 2^-128 overflows the reciprocal: x * r is +inf for every positive
+    element, which is code 255 in the reference (a +inf pad in the midpoint table once compared equal
+    there and wrapped it to code 0)."""
+    code = _code()
+    x = torch.randn(256 * 5 + 17, generator=gen)
+    x[:256] *= 1e-40  # subnormal absmax: r = inf
+    x[256:512] = torch.tensor(-3e-41)  # only negative values: -inf -> code 0
+    x[512:768] *= 2.0**-127  # normal but tiny absmax: r finite
+    x[768] = 1e-45  # one positive subnormal in an otherwise zero block
+    x[769:1024] = 0
+    want_codes, want_absmax = ref.quantize_blockwise8(x, 256, code)
+    assert want_codes[:256][x[:256] > 0].eq(255).all()  # the case under test is present
+    for isa in cpu_isas:
+        codes, absmax = cpu.quantize_blockwise8(x, code, 256, isa=isa)
+        assert torch.equal(codes, want_codes), (isa, first_diff(codes, want_codes))
+        assert same_bits(absmax, want_absmax)
+
+
 def test_blockwise8_rejects_nonfinite_and_unsorted_map():
     """NaN in the input and a non-increasing code map are input errors with a precise message."""
     x = torch.zeros(600)

@@ -26,11 +26,13 @@ typedef struct {
 
 static inline uint8_t nearest_even(const float *mids, float xn) {
     /* Lower bound = number of midpoints strictly below xn, as a branchless binary search over the 255
-     * midpoints padded with +inf to 256 (mids[255]): data-dependent branches mispredict about half the
-     * time, which made this loop ~30 ns per element. NaN: every compare is false -> 0. */
+     * midpoints padded to 256 (mids[255], never probed by the search): data-dependent branches mispredict
+     * about half the time, which made this loop ~30 ns per element. NaN: every compare is false -> 0. */
     int lo = 0;
     for (int step = 128; step >= 1; step >>= 1) lo += step & -(int)(mids[lo + step - 1] < xn); /* setcc, no jump */
-    /* exactly between lo and lo+1: take the even one (lo < 255 here, since mids[255] = +inf) */
+    /* exactly between lo and lo+1: take the even one. mids[255] is NaN, which equals nothing: xn = +inf
+     * (a block whose absmax is subnormal overflows the reciprocal) stays 255, as in the reference; an
+     * +inf pad compared equal there and wrapped to code 0. */
     lo += (mids[lo] == xn) & lo & 1;
     return (uint8_t)lo;
 }
@@ -153,7 +155,7 @@ qckpt_status qckpt_quantize_blockwise8(const float *x, int64_t n, int64_t blocks
         }
         job->mids[i] = (code[i] + code[i + 1]) * 0.5f;
     }
-    job->mids[255] = qk_bits_to_f32(0x7F800000u);
+    job->mids[255] = qk_bits_to_f32(0x7FC00000u); /* NaN: see nearest_even */
     for (int i = 0; i < QCKPT_MAX_THREADS; i++) job->bad_block[i] = -1;
     st = qckpt_parallel_for(qk_ceil_div(n, blocksize), qk_ceil_div(65536, blocksize), threads, quantize_range, job);
     for (int w = 0; st == QCKPT_OK && w < QCKPT_MAX_THREADS; w++) {

@@ -190,6 +190,14 @@ static void sweep_gemv(Problem &p, int batch) {
     report("gemv", cfg, p, batch, 1, time_us(launch), err);
 }
 
+/* one decode shape under each lookup mode (LutMode 0, 1, 2) */
+template <int NT, int R, int W, int DEPTH, int MINB>
+static void sweep_gemv_luts(Problem &p, int batch) {
+    sweep_gemv<NT, R, W, DEPTH, MINB, kLutShared>(p, batch);
+    sweep_gemv<NT, R, W, DEPTH, MINB, kLutRegs>(p, batch);
+    sweep_gemv<NT, R, W, DEPTH, MINB, kLutMixed>(p, batch);
+}
+
 template <typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 static void sweep_tiled(Problem &p, int batch, int sms) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BN) * ceil_div(batch, Shape::BM), ktiles = p.k / kTiledBK;
@@ -237,18 +245,10 @@ int main(int argc, char **argv) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);
             for (int batch : {1, 16}) {
-                sweep_gemv<1, 1, 4, 2, 4, 0>(p, batch);
-                sweep_gemv<1, 1, 4, 2, 4, 1>(p, batch);
-                sweep_gemv<1, 1, 4, 2, 4, 2>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, 0>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, 1>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, 2>(p, batch);
-                sweep_gemv<2, 2, 4, 1, 3, 0>(p, batch);
-                sweep_gemv<2, 2, 4, 1, 3, 1>(p, batch);
-                sweep_gemv<2, 2, 4, 1, 3, 2>(p, batch);
-                sweep_gemv<2, 1, 8, 1, 2, 0>(p, batch);
-                sweep_gemv<2, 1, 8, 1, 2, 1>(p, batch);
-                sweep_gemv<2, 1, 8, 1, 2, 2>(p, batch);
+                sweep_gemv_luts<1, 1, 4, 2, 4>(p, batch);
+                sweep_gemv_luts<1, 1, 8, 2, 2>(p, batch);
+                sweep_gemv_luts<2, 2, 4, 1, 3>(p, batch);
+                sweep_gemv_luts<2, 1, 8, 1, 2>(p, batch);
             }
             for (int lut = 0; lut < 3; lut++) { /* the library's tiled shapes */
                 auto small = lut == 0 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 0>

@@ -9,12 +9,13 @@
 
 namespace qk {
 
-/* mids[0..254]: the midpoints between neighbouring code values; mids[255] = +inf, a sentinel that no
- * finite or NaN xn equals, so the tie test needs no bounds check (and reads inside the array whatever
- * the compiler schedules first). Every thread of the block calls this; it does not synchronize. */
+/* mids[0..254]: the midpoints between neighbouring code values; mids[255] = NaN, a pad that equals no xn
+ * (+inf included: a subnormal absmax overflows the reciprocal, and xn = +inf must stay code 255), so the
+ * tie test needs no bounds check and reads inside the array whatever the compiler schedules first. Every
+ * thread of the block calls this; it does not synchronize. */
 __device__ __forceinline__ void fill_midpoints(const float *__restrict__ code, float *mids) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        mids[i] = i < 255 ? __fmul_rn(__fadd_rn(code[i], code[i + 1]), 0.5f) : __int_as_float(0x7F800000);
+        mids[i] = i < 255 ? __fmul_rn(__fadd_rn(code[i], code[i + 1]), 0.5f) : __int_as_float(0x7FC00000);
 }
 
 /* The CPU's lower bound over the 255 sorted midpoints (the count of midpoints below xn; NaN counts none),
@@ -25,8 +26,15 @@ __device__ __forceinline__ uint8_t nearest_even(const float *mids, float xn) {
 #pragma unroll
     for (int step = 128; step > 0; step >>= 1) /* lo + step - 1 <= 254: the steps before sum to <= 256 - 2 step */
         if (mids[lo + step - 1] < xn) lo += step;
-    if (mids[lo] == xn && (lo & 1)) lo++; /* lo == 255: the sentinel never ties */
+    if (mids[lo] == xn && (lo & 1)) lo++; /* lo == 255: the NaN pad never ties */
     return (uint8_t)lo;
+}
+
+/* Whether double quant should stop because a 4-bit block was non-finite (center != 0): one thread reads
+ * the word and the barrier hands its answer to all, so the block returns as one -- with center 1 another
+ * block may record a bad index meanwhile, and threads that read it at different times disagreed. */
+__device__ __forceinline__ bool block_saw_bad_index(int center, unsigned long long *__restrict__ ws) {
+    return __syncthreads_or(center && threadIdx.x == 0 && has_bad_index(__ldcg(ws + kWsBad)));
 }
 
 /* The offset subtracted before quantizing (center: 0 none, 1 the workspace's mean, 2 the mean of the n
@@ -58,7 +66,7 @@ __global__ void __launch_bounds__(256) quantize_blockwise8_kernel(const float *_
     fill_midpoints(code, mids);
     /* Double quant after a non-finite 4-bit block: absmax holds unwritten blocks, and the error must name
      * the input's index, not one of these. */
-    if (center && has_bad_index(__ldcg(ws + kWsBad))) return;
+    if (block_saw_bad_index(center, ws)) return;
     const float offset = center_offset(center, ws, n, mean_scratch);
     const int64_t nb = ceil_div(n, bs);
     for (int64_t b = blockIdx.x; b < nb; b += gridDim.x) {
@@ -111,7 +119,7 @@ __global__ void __launch_bounds__(256) quantize_blockwise8_warp256_kernel(
     const int64_t b0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
     float v[8];
     if (b0 < nb) load(b0, v);
-    if (center && has_bad_index(__ldcg(ws + kWsBad))) return; /* see quantize_blockwise8_kernel */
+    if (block_saw_bad_index(center, ws)) return; /* see quantize_blockwise8_kernel */
     fill_midpoints(code, mids);
     const float offset = center_offset(center, ws, n, mean_scratch); /* synchronizes: the midpoints are ready */
     for (int64_t b = b0; b < nb; b += warps) {

@@ -9,10 +9,12 @@
  * contiguous packed bytes per weight row and 64 contiguous bytes of x: weights are read once, 16 bytes
  * at a time. Warps of a block split k; their partial sums are added in shared memory in a fixed order
  * (deterministic). Dequantizing costs more issue slots than anything else here, so a byte (two codes)
- * becomes two weights with one shared-memory lookup of a 256-entry pair table: for float16 the pair is
- * float32 and is scaled in float32 then rounded once (exactly qckpt_dequantize_4bit's values); for
- * bfloat16 the pair is already bfloat16 and one bf16x2 multiply by the bf16 scale finishes it (two
- * extra roundings, within bf16 noise). Tested against dequantize + matmul (tests/test_cuda_kernels.py). */
+ * becomes two weights with one lookup of a 256-entry pair table: for float16 the pair is float32 and is
+ * scaled in float32 then rounded once (exactly qckpt_dequantize_4bit's values); for bfloat16 the pair is
+ * already bfloat16 and one bf16x2 multiply by the bf16 scale finishes it (two extra roundings, within
+ * bf16 noise). The bfloat16 pairs come from shared memory, from byte permutes of table planes held in
+ * registers, or half from each (LutMode): the same values either way. Tested against dequantize +
+ * matmul (tests/test_cuda_kernels.py). */
 #ifndef QCKPT_CUDA_GEMM4_CUH
 #define QCKPT_CUDA_GEMM4_CUH
 

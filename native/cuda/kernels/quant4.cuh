@@ -2,11 +2,12 @@
  * lane loads C chunks of 8 contiguous elements (16 bytes for 16-bit inputs; chunk j of lane l sits at
  * (j*G + l)*8, so a warp reads contiguous memory), reduces max|x| as float bit patterns across the
  * group with shuffles, multiplies by the IEEE reciprocal and writes 4 packed bytes per chunk. A warp
- * takes U tiles per loop trip and issues all their loads first, so enough bytes are in flight to
- * reach memory bandwidth. With SUM (double quantization) the kernel also adds every block's absmax into
- * the workspace's exact-mean sums (exact_mean.cuh), so the mean needs no second pass over absmax: a
- * shared-memory sum per exponent in each block, added to the workspace once at the end; a one-block
- * kernel (exact_mean_finish_kernel) rounds it. Launched by quant4.cu; tested byte for byte against the CPU library
+ * takes U tiles per loop trip and issues all their loads first (quant4.cu picks U and the occupancy:
+ * for one-chunk blocks, more resident warps beat more tiles per warp). With SUM (double quantization)
+ * the kernel also adds every block's absmax into the workspace's exact-mean sums (exact_mean.cuh), a
+ * shared-memory sum per exponent in each block added to the workspace once at the end, so the mean
+ * needs no second pass over absmax: the nested kernel computes it from the sums (blockwise8.cuh,
+ * center 2). Launched by quant4.cu; tested byte for byte against the CPU library
  * (tests/test_cuda_kernels.py). */
 #ifndef QCKPT_CUDA_QUANT4_CUH
 #define QCKPT_CUDA_QUANT4_CUH
