@@ -58,13 +58,16 @@ def test_cuda_cdef_parses_header():
 
 @pytest.mark.slow
 def test_cuda_sources_compile_with_nvcc(tmp_path):
-    """Every native/cuda/*.cu compiles with nvcc for sm_80 (the oldest target): build errors fail CI."""
+    """Every native/cuda/*.cu compiles with nvcc for sm_80 (the oldest target) and the objects link into
+    one library (no symbol defined twice or missing): build errors fail CI, not the GPU host."""
     build = _build_module()
     nvcc = build.find_nvcc()
     if nvcc is None:
         pytest.skip("nvcc not installed")
     objs = build.compile_objects(nvcc, tmp_path, arches=("80",))
     assert len(objs) == len(build.cu_sources()) and all(pathlib.Path(o).stat().st_size > 0 for o in objs)
+    build.link_check(nvcc, objs, tmp_path)
+    assert (tmp_path / "link_check.so").stat().st_size > 0
 
 
 _HARNESS = r"""

@@ -1,7 +1,9 @@
-"""Read a safetensors file one tensor at a time with positioned reads: memory holds one tensor, never a shard.
+"""Read a safetensors file one tensor at a time with positioned reads: memory holds the tensors asked for,
+never a shard. Positioned reads also let another thread read ahead on the same file (overlap.ReadAhead).
 
 (mmap would count every touched page of the shard in the process RSS until unmapped; positioned reads
-into a fresh buffer keep the peak at the largest tensor.)
+into a fresh buffer keep the peak at the tensors in use -- the conversion holds two: the current one and
+the one read ahead.)
 """
 from __future__ import annotations
 

@@ -85,6 +85,14 @@ def compile_objects(nvcc: str, out_dir: pathlib.Path = BUILD, arches=ARCHES) -> 
         return list(pool.map(one, cu_sources()))
 
 
+def link_check(nvcc: str, objs: list, out_dir: pathlib.Path) -> None:
+    """Link the objects into a throwaway shared library: a symbol defined twice (a non-template kernel in a
+    header that two .cu files include) or never defined fails here, not first on the GPU host. Raises
+    CalledProcessError with the linker's message."""
+    subprocess.run([nvcc, "-shared", "-Xlinker", "--no-undefined", *objs, "-o", str(out_dir / "link_check.so")],
+                   check=True, capture_output=True, text=True)
+
+
 def cdef_from_header(text: str) -> str:
     """The header minus comments, preprocessor lines and the C++ guard; qckpt_status comes from qckpt.h."""
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
@@ -142,10 +150,7 @@ if __name__ == "__main__":
             print("nvcc not found: CUDA compile check skipped")
             raise SystemExit(0)
         objs = compile_objects(found, BUILD / "check", arches=("80",) if "--quick" in sys.argv else ARCHES)
-        # link them too: a symbol defined twice (a non-template kernel in a header two .cu files include)
-        # or never defined fails here, not first on the GPU host
-        subprocess.run([found, "-shared", "-Xlinker", "--no-undefined", *objs, "-o", str(BUILD / "check" / "link.so")],
-                       check=True, capture_output=True, text=True)
+        link_check(found, objs, BUILD / "check")
         print(f"compiled and linked {len(objs)} CUDA sources with {found}")
     else:
         print(f"built {build_in_place()}")
