@@ -182,6 +182,29 @@ def convert(src: str, out: str, device: str) -> dict:
     return {"device": device, "wall_s": wall, "timings": report.get("timings", {})}
 
 
+_PLAN_ALONE = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers
+from converter import pipeline
+from converter.plan import plan_with_config
+from converter.sources import open_source
+t1 = time.perf_counter()
+src = open_source(sys.argv[1])
+plan_with_config(pipeline._collect_infos(src), src.config_dir)
+print(json.dumps({"import_s": t1 - t0, "plan_s": time.perf_counter() - t1}))
+"""
+
+
+def plan_alone(src: str) -> dict:
+    """transformers' plan built by itself in a fresh process (imports, then skeleton + plan): what the
+    conversion's plan thread costs without a conversion running beside it."""
+    proc = subprocess.run([sys.executable, "-c", _PLAN_ALONE, src], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"planning {src} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def digests(folder: str) -> dict:
     out = {}
     for name in sorted(os.listdir(folder)):
@@ -221,6 +244,8 @@ def main(argv=None) -> int:
     ceil = {"disk_read_cold": cold, "page_cache_read": warm, **copies, "disk_write_fsync": write}
     print("ceilings GB/s:", json.dumps({k: None if v is None else round(v, 2) for k, v in ceil.items()}), flush=True)
     subprocess.run([sys.executable, "-c", "import converter.pipeline, transformers, torch"], cwd=ROOT, check=False)
+    alone = plan_alone(src)
+    print("plan alone s:", json.dumps({k: round(v, 2) for k, v in alone.items()}), flush=True)
     runs = []
     for _ in range(args.runs):
         for i, device in enumerate(devices):
@@ -243,12 +268,14 @@ def main(argv=None) -> int:
              f"input {gb:.2f} GB bf16 ({info['layers']} Llama-7B-shaped layers + embed + lm_head, {info['shards']} "
              f"shards), output {out_gb:.2f} GB NF4+DQ; converted from the page cache.", "",
              "Ceilings (GB/s): " + ", ".join(f"{k} {f2(v)}" for k, v in ceil.items()), "",
-             "| device | wall s | input GB/s | read_s | quantize_s | error_s | write_s | plan_s | total_s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Plan alone in a fresh process: imports {alone['import_s']:.2f} s, skeleton + plan "
+             f"{alone['plan_s']:.2f} s (the conversion's plan_thread_s builds the same beside the loop).", "",
+             "| device | wall s | input GB/s | read_s | quantize_s | error_s | write_s | plan_s | plan_thread_s | total_s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         tm = r["timings"]
         cells = [f"{tm[k]:.2f}" if isinstance(tm.get(k), (int, float)) else "—"
-                 for k in ("read_s", "quantize_s", "error_s", "write_s", "plan_s", "total_s")]
+                 for k in ("read_s", "quantize_s", "error_s", "write_s", "plan_s", "plan_thread_s", "total_s")]
         lines.append(f"| {r['device']} | {r['wall_s']:.2f} | {r['in_gbs']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", f"Byte check (every shard, index, config.json): {'identical' if same else 'DIFFERENT: ' + ', '.join(differ)}"]
     table = "\n".join(lines)
@@ -256,7 +283,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "convert_bench.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "convert_bench.json"), "w") as f:
-        json.dump({"checkpoint": info, "ceilings_gbs": ceil, "runs": runs, "identical": same, "differ": differ}, f, indent=1)
+        json.dump({"checkpoint": info, "ceilings_gbs": ceil, "plan_alone_s": alone, "runs": runs, "identical": same,
+                   "differ": differ}, f, indent=1)
     return 0 if same else 1
 
 
