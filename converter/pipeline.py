@@ -420,7 +420,8 @@ def _convert_shards(run, src, plan, assignment, n_out, done, fingerprint) -> dic
                         bar.update(tp.info.nbytes)
                         if i == last_of[out]:
                             writes.drain()
-                            writer = _commit_shard(run, writer, out, n_out, assignment, stats, done, fingerprint)
+                            _commit_shard(run, writer, out, n_out, assignment, stats, done, fingerprint)
+                            writer = None  # the next shard's writer opens with its first tensor
                 finally:
                     reads.close()
     except BaseException:
@@ -436,8 +437,7 @@ def _convert_shards(run, src, plan, assignment, n_out, done, fingerprint) -> dic
 
 def _commit_shard(run, writer, out, n_out, assignment, stats, done, fingerprint) -> None:
     """Make output shard `out` appear (after confirming a guessed plan: nothing is committed on a guess),
-    record it for the index and --resume, and push it with --push-to. Returns None: the caller's writer
-    for the next shard is opened when its first tensor comes."""
+    record it for the index and --resume, and push it with --push-to."""
     if run.pending is not None:
         _confirm_plan(run)
     t0 = time.perf_counter()
@@ -452,7 +452,6 @@ def _commit_shard(run, writer, out, n_out, assignment, stats, done, fingerprint)
         t0 = time.perf_counter()
         run.stream.add_shard(os.path.join(run.staging, done[out]["file"]), done[out]["file"])
         run.timings["push_s"] = run.timings.get("push_s", 0.0) + time.perf_counter() - t0
-    return None
 
 
 class _GuessWasWrong(Exception):
