@@ -34,20 +34,6 @@ qckpt_status check_launch(const char *what);
 int sm_count();
 
 inline bool aligned(const void *p, uintptr_t bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
-
-/* Asynchronous 16-byte global -> shared copies (sm_80+): they hold no registers while in flight, so a
- * kernel can keep many more bytes on the way than register prefetch allows. `bytes` (0..16) are read, the
- * rest of the 16 zero-filled; 0 reads nothing. gmem must be 16-byte aligned. */
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int bytes) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-    cp_async16(smem, gmem, valid ? 16 : 0);
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-/* wait until at most N of this thread's committed groups are pending; its own copies are then visible */
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int log2_exact(int64_t v) {  /* -1 unless v is a power of two */
     if (v <= 0 || (v & (v - 1))) return -1;
