@@ -328,3 +328,193 @@ def test_dequantize_out_buffer_is_validated():
                 torch.empty(64, 4, dtype=torch.bfloat16).t()):
         with pytest.raises(QuantizationInputError, match="out buffer"):
             cpu.dequantize_4bit(packed, absmax, QuantType.NF4, 64, (4, 64), torch.bfloat16, out=bad)
+
+
+# ---- extreme inputs: reciprocal overflow, subnormal scales, the largest finite values ----
+# 1/absmax overflows to +inf below 2^-128 and is itself subnormal above 2^126; both must give the
+# reference bytes in every variant (an FTZ/DAZ flag, a clamp or an inf pad in a table would not).
+
+F32_TINY = 2.0**-149  # smallest float32 subnormal (1e-45 rounds to it)
+
+
+def _f32_next(value: float, toward: float) -> float:
+    return float(torch.nextafter(torch.tensor(value, dtype=torch.float32), torch.tensor(toward, dtype=torch.float32)))
+
+
+# Block absmax values of interest, as float32: subnormal, the reciprocal's overflow edge (2^-128),
+# the smallest normal, CUDA's NF4 fast-path edge (kFastMinAbsmax = 2^-120) +- 1 ulp, fp16's subnormal
+# and normal minimum, scales whose reciprocal is subnormal (>= 2^126), and each dtype's largest finite.
+EXTREME_ABSMAX = [
+    1e-40, F32_TINY, 2.0**-133, _f32_next(2.0**-128, 0.0), 2.0**-128, _f32_next(2.0**-128, 1.0), 2.0**-127,
+    2.0**-126, _f32_next(2.0**-120, 0.0), 2.0**-120, _f32_next(2.0**-120, 1.0), 2.0**-24, 2.0**-14,
+    65504.0, 2.0**126, _f32_next(2.0**126, math.inf), 2.0**127, float(torch.finfo(torch.bfloat16).max),
+    float(torch.finfo(torch.float32).max),
+]
+
+
+def _representable(values, dtype) -> list:
+    """The values that `dtype` holds exactly, finite and nonzero (the rest would not be the absmax)."""
+    keep = []
+    for v in values:
+        t = torch.tensor(v, dtype=torch.float32)  # e.g. 1e-40 -> its float32 neighbour
+        if t.to(dtype).to(torch.float32).item() == t.item():
+            keep.append(t.item())
+    return keep
+
+
+def _min_subnormal(dtype) -> float:
+    return {torch.float32: F32_TINY, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}[dtype]
+
+
+def _extreme_blocks(dtype, blocksize, gen, min_numel=65537) -> torch.Tensor:
+    """Whole blocks cycling through: random values under each extreme absmax (the max at a random lane,
+    random sign), the same with the rest of the block +-0.0, an all +-0.0 block and a block whose only
+    nonzero is +-(the dtype's smallest subnormal); enough blocks that 2 workers each get some (>= 2^16
+    elements), then an odd partial tail block with a subnormal-or-tiny absmax (the scalar tail path)."""
+    scales = _representable(EXTREME_ABSMAX, dtype)
+    kinds = [("rand", a) for a in scales] + [("zeros", a) for a in scales]
+    kinds += [("signed_zero", 0.0), ("one_subnormal", _min_subnormal(dtype))]
+    nb = max(-(-min_numel // blocksize), 2 * len(kinds))
+    y = torch.rand(nb, blocksize, generator=gen) * 2 - 1
+    zero_signs = torch.where(torch.rand(nb, blocksize, generator=gen) < 0.5, -0.0, 0.0)
+    lane = torch.randint(0, blocksize, (nb,), generator=gen)
+    sign = torch.where(torch.rand(nb, generator=gen) < 0.5, -1.0, 1.0)
+    rows = []
+    for b in range(nb):
+        kind, a = kinds[b % len(kinds)]
+        block = (y[b] * a).to(dtype).to(torch.float32) if kind == "rand" else zero_signs[b].clone()
+        if kind != "signed_zero":
+            block[lane[b]] = sign[b] * a
+        rows.append(block)
+    tail = torch.rand(blocksize // 2 + 1, generator=gen) * 2 - 1
+    tail_scale = _min_subnormal(dtype) * 5
+    tail = (tail * tail_scale).to(dtype).to(torch.float32)
+    tail[0] = tail_scale
+    return torch.cat(rows + [tail]).to(dtype)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", QUANT4)
+def test_quantize_4bit_extreme_absmax_blocks(blocksize, dtype, quant_type, cpu_isas, gen):
+    """Blocks whose absmax is subnormal, 2^-128 +- 1 ulp, 2^-126, 2^-120 +- 1 ulp, >= 2^126 or the dtype's
+    largest finite, blocks of +-0.0 and a lone subnormal: quantize and dequantize match the reference."""
+    x = _extreme_blocks(dtype, blocksize, gen)
+    _, want_absmax = ref.quantize_4bit(x, quant_type, blocksize)
+    scales = set(_representable(EXTREME_ABSMAX, dtype))
+    assert scales <= set(want_absmax.tolist())  # every extreme scale is some block's absmax
+    if dtype != torch.float16:  # fp16 holds no float32 subnormal: there 1/absmax always stays finite
+        assert (torch.reciprocal(want_absmax).isinf() & (want_absmax > 0)).any()
+    check_4bit_all_variants(x, quant_type, blocksize, cpu_isas)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quant_type", QUANT4)
+def test_quantize_4bit_lone_subnormal_block_codes(dtype, quant_type, cpu_isas):
+    """A block whose only nonzero is one subnormal: absmax is that value, 1/absmax is +inf, so the value
+    takes the +-1.0 code and every zero (0 * inf = NaN) code 0, in every variant and in the partial tail."""
+    tiny = _min_subnormal(dtype)
+    x = torch.zeros(64 + 33)
+    x[5], x[64 + 31] = tiny, -tiny  # one full block (SIMD path), one partial block (scalar path)
+    x[6], x[64 + 2] = -0.0, -0.0
+    x = x.to(dtype)
+    want_packed, want_absmax = ref.quantize_4bit(x, quant_type, 64)
+    codes = ref.unpack_nibbles(want_packed, x.numel())
+    one, minus_one = (15, 0) if quant_type is QuantType.NF4 else (3, 11)
+    assert want_absmax.tolist() == [tiny, tiny]
+    assert codes[5] == one and codes[64 + 31] == minus_one
+    assert codes[[0, 6, 63, 64, 66, 96]].tolist() == [0] * 6
+    check_4bit_all_variants(x, quant_type, 64, cpu_isas)
+
+
+def _absmax_sets(dtype) -> dict:
+    """Per-block absmax patterns for double quant, each over 1100 blocks (4 full nested blocks + a tail)."""
+    tiny = _min_subnormal(dtype)
+    top = float(torch.finfo(dtype).max)
+    nb = 1100
+    return {
+        "equal_normal": [0.375] * nb,  # absmax - mean == 0 everywhere: nested absmax 0
+        "equal_tiny": [tiny] * nb,
+        "equal_max": [top] * nb,
+        "tiny_distinct": [tiny * (1 + b % 7) for b in range(nb)],  # centred values subnormal in f32/bf16
+        "tiny_two": [tiny * (1 + b % 2) for b in range(nb)],  # mean is a tie: rounds to even
+        "zero_or_tiny": [tiny * (b % 2) for b in range(nb)],
+        "zero_or_max": [top * (b % 2) for b in range(nb)],
+    }
+
+
+@pytest.mark.parametrize("pattern", list(_absmax_sets(torch.float32)))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", QUANT4)
+def test_double_quant_degenerate_absmax_matches_reference(pattern, dtype, quant_type, cpu_isas, gen, monkeypatch):
+    """Double quant where all block absmax are equal or tiny (absmax - mean is 0 or subnormal for whole
+    256-blocks, so the nested reciprocal is inf): codes, nested absmax, offset and dequantized values
+    equal the reference path, for every variant and 1 or 2 threads."""
+    import converter
+
+    scales = torch.tensor(_absmax_sets(dtype)[pattern], dtype=torch.float32)
+    blocksize = 64
+    nb = scales.numel()
+    x = ((torch.rand(nb, blocksize, generator=gen) * 2 - 1) * scales[:, None]).to(dtype).to(torch.float32)
+    lane = torch.randint(0, blocksize, (nb,), generator=gen)
+    sign = torch.where(torch.rand(nb, generator=gen) < 0.5, -1.0, 1.0)
+    x[torch.arange(nb), lane] = sign * scales
+    x = x.reshape(-1).to(dtype)
+    want_packed, want_absmax = ref.quantize_4bit(x, quant_type, blocksize)
+    assert same_bits(want_absmax, scales)  # the pattern survived the cast to dtype
+    want_codes, want_nested, want_offset = ref.double_quantize(want_absmax)
+    if pattern.startswith("equal"):
+        assert torch.all(want_nested == 0) and torch.all(want_codes == 0)
+    want_scales = ref.dequantize_absmax(want_codes, want_nested, want_offset)
+    for isa in cpu_isas:
+        monkeypatch.setenv("QCKPT_ISA", isa)
+        for th in (1, 2):
+            qt = converter.quantize(x, quant_type, blocksize, double_quant=True, threads=th)
+            where = f"{isa} threads={th}"
+            assert same_bits(qt.data, want_packed), f"{where} packed: {first_diff(qt.data, want_packed)}"
+            assert torch.equal(qt.nested.codes, want_codes), f"{where} codes: {first_diff(qt.nested.codes, want_codes)}"
+            assert same_bits(qt.nested.absmax, want_nested), f"{where} nested absmax"
+            got_offset = torch.tensor(qt.nested.offset, dtype=torch.float32)
+            assert same_bits(got_offset, torch.tensor(want_offset, dtype=torch.float32)), f"{where} offset"
+            assert same_bits(qt.nested.dequantize(), want_scales), f"{where} dequantized absmax"
+            for out_dtype in DTYPES:
+                want = ref.dequantize_4bit(want_packed, want_scales, quant_type, blocksize, (x.numel(),), out_dtype)
+                got = converter.dequantize(qt, out_dtype, threads=th)
+                assert same_bits(got, want), f"{where} dequantize {out_dtype}: {first_diff(got, want)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_rowwise_extreme_rows_match_reference(dtype, cpu_isas, gen):
+    """Rows whose max is subnormal, at 127 * (1/SCB)'s overflow edge, exactly +-0.0 or the largest finite
+    value: int8 codes and SCB equal the reference, and so does dequantizing them to every dtype."""
+    cols = 301  # odd: the vector loops' remainder lanes run too
+    scb_edge = 127.0 / float(torch.finfo(torch.float32).max)  # below about here (1/SCB) * 127 is +inf
+    maxima = _representable(EXTREME_ABSMAX + [scb_edge, _f32_next(scb_edge, 0.0), _f32_next(scb_edge, 1.0)], dtype)
+    kinds = [("rand", m) for m in maxima] + [("zeros", m) for m in maxima] + [("signed_zero", 0.0)]
+    n_rows = max(2 * len(kinds), 2 * -(-32768 // cols) + 3)  # enough rows for 2 workers
+    y = torch.rand(n_rows, cols, generator=gen) * 2 - 1
+    zero_signs = torch.where(torch.rand(n_rows, cols, generator=gen) < 0.5, -0.0, 0.0)
+    lane = torch.randint(0, cols, (n_rows,), generator=gen)
+    sign = torch.where(torch.rand(n_rows, generator=gen) < 0.5, -1.0, 1.0)
+    rows = []
+    for r in range(n_rows):
+        kind, m = kinds[r % len(kinds)]
+        row = (y[r] * m).to(dtype).to(torch.float32) if kind == "rand" else zero_signs[r].clone()
+        if kind != "signed_zero":
+            row[lane[r]] = sign[r] * m
+        rows.append(row)
+    x = torch.stack(rows).to(dtype)
+    want_q, want_scb = ref.quantize_int8_rowwise(x)
+    top = float(torch.finfo(dtype).max)
+    top_rows = want_scb == top
+    assert top_rows.any() and (want_q[top_rows].abs() == 127).any(dim=1).all()  # each row's max is +-127
+    assert (want_scb == 0).any()
+    for isa in cpu_isas:
+        for th in (1, 2):
+            q, scb = cpu.quantize_int8_rowwise(x, threads=th, isa=isa)
+            assert torch.equal(q, want_q), f"{isa} threads={th}: {first_diff(q, want_q)}"
+            assert same_bits(scb, want_scb), f"{isa} threads={th} SCB: {first_diff(scb, want_scb)}"
+            for out_dtype in DTYPES:
+                out = cpu.dequantize_int8_rowwise(want_q, want_scb, out_dtype, threads=th, isa=isa)
+                want = ref.dequantize_int8_rowwise(want_q, want_scb, out_dtype)
+                assert same_bits(out, want), f"{isa} threads={th} dequantize {out_dtype}: {first_diff(out, want)}"
