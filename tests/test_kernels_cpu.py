@@ -366,6 +366,24 @@ def _min_subnormal(dtype) -> float:
     return {torch.float32: F32_TINY, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}[dtype]
 
 
+def _extreme_rows(kinds, n_rows: int, width: int, dtype, gen) -> list:
+    """n_rows float32 rows of `width`, cycling through kinds: ("rand", a) random values in dtype under a,
+    ("zeros", a) +-0.0 elsewhere, ("signed_zero", _) all +-0.0, ("one_subnormal", a) likewise; every kind
+    but signed_zero puts +-a at a random lane, so a is the row's max |x|."""
+    y = torch.rand(n_rows, width, generator=gen) * 2 - 1
+    zero_signs = torch.where(torch.rand(n_rows, width, generator=gen) < 0.5, -0.0, 0.0)
+    lane = torch.randint(0, width, (n_rows,), generator=gen)
+    sign = torch.where(torch.rand(n_rows, generator=gen) < 0.5, -1.0, 1.0)
+    rows = []
+    for r in range(n_rows):
+        kind, a = kinds[r % len(kinds)]
+        row = (y[r] * a).to(dtype).to(torch.float32) if kind == "rand" else zero_signs[r].clone()
+        if kind != "signed_zero":
+            row[lane[r]] = sign[r] * a
+        rows.append(row)
+    return rows
+
+
 def _extreme_blocks(dtype, blocksize, gen, min_numel=65537) -> torch.Tensor:
     """Whole blocks cycling through: random values under each extreme absmax (the max at a random lane,
     random sign), the same with the rest of the block +-0.0, an all +-0.0 block and a block whose only
@@ -375,17 +393,7 @@ def _extreme_blocks(dtype, blocksize, gen, min_numel=65537) -> torch.Tensor:
     kinds = [("rand", a) for a in scales] + [("zeros", a) for a in scales]
     kinds += [("signed_zero", 0.0), ("one_subnormal", _min_subnormal(dtype))]
     nb = max(-(-min_numel // blocksize), 2 * len(kinds))
-    y = torch.rand(nb, blocksize, generator=gen) * 2 - 1
-    zero_signs = torch.where(torch.rand(nb, blocksize, generator=gen) < 0.5, -0.0, 0.0)
-    lane = torch.randint(0, blocksize, (nb,), generator=gen)
-    sign = torch.where(torch.rand(nb, generator=gen) < 0.5, -1.0, 1.0)
-    rows = []
-    for b in range(nb):
-        kind, a = kinds[b % len(kinds)]
-        block = (y[b] * a).to(dtype).to(torch.float32) if kind == "rand" else zero_signs[b].clone()
-        if kind != "signed_zero":
-            block[lane[b]] = sign[b] * a
-        rows.append(block)
+    rows = _extreme_rows(kinds, nb, blocksize, dtype, gen)
     tail = torch.rand(blocksize // 2 + 1, generator=gen) * 2 - 1
     tail_scale = _min_subnormal(dtype) * 5
     tail = (tail * tail_scale).to(dtype).to(torch.float32)
@@ -492,18 +500,7 @@ def test_int8_rowwise_extreme_rows_match_reference(dtype, cpu_isas, gen):
     maxima = _representable(EXTREME_ABSMAX + [scb_edge, _f32_next(scb_edge, 0.0), _f32_next(scb_edge, 1.0)], dtype)
     kinds = [("rand", m) for m in maxima] + [("zeros", m) for m in maxima] + [("signed_zero", 0.0)]
     n_rows = max(2 * len(kinds), 2 * -(-32768 // cols) + 3)  # enough rows for 2 workers
-    y = torch.rand(n_rows, cols, generator=gen) * 2 - 1
-    zero_signs = torch.where(torch.rand(n_rows, cols, generator=gen) < 0.5, -0.0, 0.0)
-    lane = torch.randint(0, cols, (n_rows,), generator=gen)
-    sign = torch.where(torch.rand(n_rows, generator=gen) < 0.5, -1.0, 1.0)
-    rows = []
-    for r in range(n_rows):
-        kind, m = kinds[r % len(kinds)]
-        row = (y[r] * m).to(dtype).to(torch.float32) if kind == "rand" else zero_signs[r].clone()
-        if kind != "signed_zero":
-            row[lane[r]] = sign[r] * m
-        rows.append(row)
-    x = torch.stack(rows).to(dtype)
+    x = torch.stack(_extreme_rows(kinds, n_rows, cols, dtype, gen)).to(dtype)
     want_q, want_scb = ref.quantize_int8_rowwise(x)
     top = float(torch.finfo(dtype).max)
     top_rows = want_scb == top

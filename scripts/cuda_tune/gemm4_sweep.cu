@@ -18,20 +18,12 @@
 #include <string>
 #include <vector>
 
+#include "harness.cuh"
 #include "kernels/gemm4.cuh"
 #include "kernels/gemm4_tiled.cuh"
 
 using bf16 = __nv_bfloat16;
 using namespace qk;
-
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
 
 constexpr int kRotate = 8, kBS = 64, kBS2 = 256, kMaxBatch = 256;
 
@@ -144,28 +136,6 @@ static double rel_error(const Problem &p, int batch) {
     return std::sqrt(num / den);
 }
 
-static float time_us(const std::function<void(int)> &launch) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    for (int i = 0; i < 4; i++) launch(i % kRotate);
-    std::vector<float> ms;
-    for (int rep = 0; rep < 7; rep++) {
-        CK(cudaEventRecord(a));
-        for (int i = 0; i < 24; i++) launch(i % kRotate);
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float t;
-        CK(cudaEventElapsedTime(&t, a, b));
-        ms.push_back(t * 1000.0f / 24);
-    }
-    CK(cudaGetLastError());
-    std::sort(ms.begin(), ms.end());
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-    return ms[3];
-}
-
 static void report(const char *kind, const std::string &cfg, const Problem &p, int batch, int splits, float us,
                    double err) {
     const double flops = 2.0 * batch * p.n_out * p.k, bytes = p.n_out * p.k / 2.0 + p.n_out * p.k / kBS;
@@ -187,7 +157,7 @@ static void sweep_gemv(Problem &p, int batch) {
     const double err = rel_error(p, batch);
     char cfg[64];
     snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d L%d", NT, R, W, DEPTH, MINB, LUT);
-    report("gemv", cfg, p, batch, 1, time_us(launch), err);
+    report("gemv", cfg, p, batch, 1, time_us(launch, kRotate), err);
 }
 
 /* one decode shape under each lookup mode (LutMode 0, 1, 2) */
@@ -216,7 +186,7 @@ static void sweep_tiled(Problem &p, int batch, int sms) {
         char cfg[64];
         snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d D%d MINB%d L%d", Shape::WN, Shape::WM, Shape::NT16,
                  Shape::MT, Shape::STAGES, DEPTH, MINB, LUT);
-        report("tiled", cfg, p, batch, splits, time_us(launch), err);
+        report("tiled", cfg, p, batch, splits, time_us(launch, kRotate), err);
     }
 }
 

@@ -6,23 +6,16 @@
  *        native/cuda/error.cu -o /tmp/quant4_sweep && /tmp/quant4_sweep
  *
  * Columns: tiles in flight per warp (U), register bound (blocks/SM), grid blocks per SM, with and
- * without the fused absmax sums, µs per call (median of 7 runs of 24 calls) and GB/s of bytes moved. */
+ * without the fused absmax sums, µs per call (harness.cuh: median of 7 runs of 24 calls) and GB/s of bytes
+ * moved. */
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <vector>
 
+#include "harness.cuh"
 #include "kernels/quant4.cuh"
-
-#define CK(x)                                                                          \
-    do {                                                                               \
-        cudaError_t e_ = (x);                                                          \
-        if (e_ != cudaSuccess) {                                                       \
-            fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
 
 namespace {
 constexpr int64_t kN = 14336LL * 4096, kBS = 64, kNB = kN / kBS, kCopies = 8;
@@ -61,9 +54,6 @@ int main() {
     CK(cudaMalloc(&ws, 4096 * 8));
     CK(cudaMemset(ws, 0, 4096 * 8)); /* a fresh workspace: no bad index, zero sums */
     std::vector<uint8_t> want(kN / 2), got(kN / 2);
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
     const double bytes = kN * 2.0 + kN / 2.0 + kNB * 4.0;
     bool first = true;
     auto run = [&](const char *name, std::function<void(int)> fn) {
@@ -72,18 +62,7 @@ int main() {
         CK(cudaMemcpy(got.data(), ps[0], kN / 2, cudaMemcpyDeviceToHost));
         if (first) want = got, first = false;
         const bool same = want == got;
-        std::vector<float> ms;
-        for (int r = 0; r < 7; r++) {
-            CK(cudaEventRecord(e0));
-            for (int i = 0; i < 24; i++) fn(i % kCopies);
-            CK(cudaEventRecord(e1));
-            CK(cudaEventSynchronize(e1));
-            float t;
-            CK(cudaEventElapsedTime(&t, e0, e1));
-            ms.push_back(t / 24);
-        }
-        std::sort(ms.begin(), ms.end());
-        const double us = ms[3] * 1000.0;
+        const double us = time_us(fn, kCopies);
         printf("%-34s %8.1f us %7.0f GB/s  %s\n", name, us, bytes / us * 1e-3, same ? "same bytes" : "BYTES DIFFER");
         CK(cudaMemset(ws + 3, 0, 256 * 8)); /* the sums grow with every SUM call: clear them */
     };
