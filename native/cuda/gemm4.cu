@@ -8,34 +8,34 @@
 
 namespace {
 
-/* Lookups (gemm4.cuh LutMode): one batch tile (<= 8 rows) measured fastest with the shared table, two with
- * the mixed one (scripts/cuda_tune/gemm4_sweep.cu --lut; BENCHMARKS.md). */
-template <typename T, int NT, int R, int W, int DEPTH, int MINB = 8 / W * 2>
+template <typename T, int NT, int R, int W, int DEPTH, int MINB, int LUT>
 void launch(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
             int log2_bs, int qt, void *y, cudaStream_t s) {
     const int64_t blocks = qk::ceil_div(n_out, 16 * R);
-    constexpr int kLut = NT == 1 ? qk::kLutShared : qk::kLutMixed;
-    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB, kLut><<<(unsigned)blocks, W * 32, 0, s>>>(
+    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB, LUT><<<(unsigned)blocks, W * 32, 0, s>>>(
         static_cast<const T *>(x), batch, packed, sc, n_out, k, log2_bs, qt, static_cast<T *>(y));
 }
 
-/* Shapes: one row tile (16 outputs) per warp and two steps of loads in flight for up to 8 rows; two
- * batch tiles (9..16 rows) need twice the x registers, so one step ahead (and two row tiles when there
- * are many). k splits over 4 warps when it
- * is short (>= 8 steps of 128 each) and over 8 when long, so each warp streams long enough. */
+/* Shapes and lookups, as scripts/cuda_tune/gemm4_sweep.cu --decode measured them fastest on an H100
+ * (BENCHMARKS.md). Up to 8 rows: one row tile (16 outputs) per warp, two steps of loads in flight; k
+ * splits over 4 warps when short and over 8 when long (>= 64 steps of 128), so that each warp streams
+ * long enough; the long-k grid reads its codes from the lane table, the short one half from registers
+ * and half from the shared table. 9..16 rows need twice the x registers: two row tiles per warp (which
+ * halves the x traffic from L2, as large as the weights at 16 rows) when there are many rows, else one
+ * tile and one step ahead. */
 template <typename T>
 void launch_shape(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
                   int log2_bs, int qt, void *y, cudaStream_t s) {
-    const bool long_k = qk::ceil_div(k, 128) >= 64;
-    /* many row tiles: two per warp halve the x traffic from L2, which 16 rows make as large as the weights */
-    const bool many_rows = qk::ceil_div(n_out, 32) >= 2 * qk::sm_count();
+    using namespace qk;
+    const bool long_k = ceil_div(k, 128) >= 64;
+    const bool many_rows = ceil_div(n_out, 32) >= 2 * sm_count();
     if (batch > 8) {
-        if (many_rows) launch<T, 2, 2, 4, 1, 3>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else if (long_k) launch<T, 2, 1, 8, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else launch<T, 2, 1, 4, 1>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        if (many_rows) launch<T, 2, 2, 4, 2, 2, kLutMixed>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        else if (long_k) launch<T, 2, 1, 8, 1, 2, kLutLane>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        else launch<T, 2, 1, 4, 1, 4, kLutMixed>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
     } else {
-        if (long_k) launch<T, 1, 1, 8, 2>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else launch<T, 1, 1, 4, 2>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        if (long_k) launch<T, 1, 1, 8, 2, 2, kLutLane>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+        else launch<T, 1, 1, 4, 2, 4, kLutMixed>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
     }
 }
 

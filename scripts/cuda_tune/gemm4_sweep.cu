@@ -21,6 +21,7 @@
 #include "harness.cuh"
 #include "kernels/gemm4.cuh"
 #include "kernels/gemm4_tiled.cuh"
+#include "kernels/gemm4_wgmma.cuh"
 
 using bf16 = __nv_bfloat16;
 using namespace qk;
@@ -190,17 +191,42 @@ static void sweep_tiled(Problem &p, int batch, int sms) {
     }
 }
 
+template <typename Shape, int MINB>
+static void sweep_wgmma(Problem &p, int batch, int sms, uint32_t lbo = kWgmmaLbo, uint32_t sbo = kWgmmaSbo) {
+    const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / kTiledBK;
+    std::vector<int> splits_list = {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
+                                    tiled_splits(tiles, ktiles, sms, 3)};
+    std::sort(splits_list.begin(), splits_list.end());
+    splits_list.erase(std::unique(splits_list.begin(), splits_list.end()), splits_list.end());
+    for (int splits : splits_list) {
+        if (splits > 1 && ktiles / splits < 4) continue;
+        auto launch = [&](int c) {
+            CK((launch_gemm_4bit_wgmma<bf16, Shape, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
+                                                          QCKPT_NF4, p.y, splits, p.workspace, 0, lbo, sbo)));
+        };
+        launch(0);
+        CK(cudaDeviceSynchronize());
+        const double err = rel_error(p, batch);
+        char cfg[64];
+        snprintf(cfg, sizeof cfg, "BN%d WG%d S%d MINB%d%s", Shape::BN, Shape::WG, Shape::STAGES, MINB,
+                 lbo == kWgmmaLbo ? "" : " swapped");
+        report("wgmma", cfg, p, batch, splits, time_us(launch, kRotate), err);
+    }
+}
+
 int main(int argc, char **argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
-    /* --profile: one launch each of the batch-1 and batch-128 production shapes, for a profiler */
+    /* --profile: one launch each of the batch-1 decode and the batch-128 tiled and wgmma kernels, for a profiler */
     if (argc > 1 && !strcmp(argv[1], "--profile")) {
         Problem p = make_problem(14336, 4096);
         int sms;
         CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-        gemm_4bit_kernel<bf16, 1, 1, 4, 2, 4><<<(unsigned)ceil_div(p.n_out, 16), 128>>>(
+        gemm_4bit_kernel<bf16, 1, 1, 4, 2, 4, kLutMixed><<<(unsigned)ceil_div(p.n_out, 16), 128>>>(
             p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6, QCKPT_NF4, p.y);
         CK((launch_gemm_4bit_tiled<bf16, TiledShape<8, 1, 1, 8, 4>, 2, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out,
                                                                            p.k, 6, QCKPT_NF4, p.y, 1, p.workspace, 0)));
+        CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 1, 4>, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out, p.k, 6,
+                                                                    QCKPT_NF4, p.y, 1, p.workspace, 0)));
         CK(cudaDeviceSynchronize());
         free_problem(p);
         return 0;
@@ -210,6 +236,57 @@ int main(int argc, char **argv) {
     printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     const int sms = prop.multiProcessorCount;
     const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}};
+    /* --wgmma: the sm_90a prefill kernel's batch tile, warpgroups, stages and k splits, beside the tiled
+     * mma.sync kernel the library used before */
+    if (argc > 1 && !strcmp(argv[1], "--wgmma")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            if (&shape == &shapes[0]) sweep_wgmma<WgmmaShape<128, 1, 4>, 2>(p, 128, sms, kWgmmaSbo, kWgmmaLbo);
+            for (int batch : {128, 64, 32, 256}) {
+                sweep_wgmma<WgmmaShape<128, 1, 4>, 2>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<128, 1, 3>, 3>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<64, 1, 4>, 3>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<64, 1, 6>, 2>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<128, 2, 3>, 1>(p, batch, sms);
+                if (batch == 128 || batch == 64) sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
+                if (batch == 32) sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2>(p, batch, sms);
+            }
+            free_problem(p);
+        }
+        return 0;
+    }
+    /* --decode: the 1..16-row kernel's register ring (DEPTH steps ahead), warps, rows per warp and
+     * blocks per SM, under the shared and mixed lookups */
+    if (argc > 1 && !strcmp(argv[1], "--decode")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            for (int batch : {1, 8}) {
+                sweep_gemv<1, 1, 4, 2, 4, kLutShared>(p, batch);
+                sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
+                sweep_gemv<1, 1, 4, 2, 4, kLutLane>(p, batch);
+                sweep_gemv<1, 1, 4, 2, 4, kLutLaneMixed>(p, batch);
+                sweep_gemv<1, 1, 4, 3, 3, kLutLane>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, kLutShared>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, kLutMixed>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, kLutLane>(p, batch);
+                sweep_gemv<1, 1, 8, 2, 2, kLutLaneMixed>(p, batch);
+                sweep_gemv<1, 1, 2, 2, 6, kLutLane>(p, batch);
+                sweep_gemv<1, 2, 4, 2, 2, kLutLane>(p, batch);
+            }
+            for (int batch : {16}) {
+                sweep_gemv<2, 2, 4, 1, 3, kLutMixed>(p, batch);
+                sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch);
+                sweep_gemv<2, 2, 4, 2, 2, kLutLane>(p, batch);
+                sweep_gemv<2, 2, 4, 2, 2, kLutLaneMixed>(p, batch);
+                sweep_gemv<2, 1, 8, 1, 2, kLutMixed>(p, batch);
+                sweep_gemv<2, 1, 8, 1, 2, kLutLane>(p, batch);
+                sweep_gemv<2, 1, 4, 2, 3, kLutLane>(p, batch);
+                sweep_gemv<2, 1, 8, 2, 2, kLutLaneMixed>(p, batch);
+            }
+            free_problem(p);
+        }
+        return 0;
+    }
     /* --lut: the library's launch shapes under each lookup mode (LutMode: 0 shared, 1 registers, 2 mixed) */
     if (argc > 1 && !strcmp(argv[1], "--lut")) {
         for (auto &shape : shapes) {

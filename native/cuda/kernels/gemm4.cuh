@@ -113,13 +113,18 @@ struct PairTable {
  * random bytes hit the same bank ~3 times per access (the L1/shared pipe was 80% busy at batch 1); the
  * registers cost ~21 integer ops per 8 codes (the ALU pipe was 57% busy). Mixed splits a lane's rows
  * between them so that both pipes share the work. */
-enum LutMode { kLutShared = 0, kLutRegs = 1, kLutMixed = 2 };
+enum LutMode { kLutShared = 0, kLutRegs = 1, kLutMixed = 2, kLutLane = 3, kLutLaneMixed = 4 };
 constexpr int kLutDefault = kLutMixed;
 
-/* The table row half h (0, 1) of a fragment uses under `mode`: kLutShared or kLutRegs. (A conflict-free
- * copy of the pair table per lane, 32 KiB a block, measured no faster than either: BENCHMARKS.md.) */
+/* The lane table: a copy of the bfloat16 pair table per lane (entry [byte][lane], 32 KiB a block), so
+ * that lane l always reads bank l: one wavefront per lookup instead of ~3.5 for 32 random bytes. */
+constexpr int kLaneTableWords = 256 * 32;
+__host__ __device__ constexpr bool uses_lane_table(int mode) { return mode == kLutLane || mode == kLutLaneMixed; }
+
+/* The table row half h (0, 1) of a fragment uses under `mode`: kLutShared, kLutRegs or kLutLane. */
 __host__ __device__ constexpr int lut_kind(int mode, int h) {
-    return mode == kLutMixed ? (h == 0 ? kLutRegs : kLutShared) : mode;
+    return mode == kLutMixed ? (h == 0 ? kLutRegs : kLutShared)
+         : mode == kLutLaneMixed ? (h == 0 ? kLutRegs : kLutLane) : mode;
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
@@ -166,9 +171,10 @@ __device__ __forceinline__ void reg_lookup_word(const RegLut &t, uint32_t word, 
     }
 }
 
-/* Both lookups; the float16 path uses the shared pair table, the bfloat16 path the registers. */
+/* The lookups; the float16 path uses the shared pair table, the bfloat16 path the others as LutMode says. */
 struct Lut4 {
     const PairTable *pairs;
+    const uint32_t *lane_pairs; /* this lane's column of the lane table: entry `byte` at [32 * byte] */
     RegLut reg;
 };
 
@@ -192,6 +198,9 @@ template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply per pair
     __device__ __forceinline__ explicit PairDequant(float scale) : s(__float2bfloat162_rn(scale)) {}
     __device__ __forceinline__ void word(const Lut4 &t, uint32_t w, uint32_t (&p)[4], int kind) const {
         if (kind == kLutRegs) reg_lookup_word(t.reg, w, p);
+        else if (kind == kLutLane)
+#pragma unroll
+            for (int q = 0; q < 4; q++) p[q] = t.lane_pairs[32 * ((w >> (8 * q)) & 0xFF)];
         else
 #pragma unroll
             for (int q = 0; q < 4; q++) p[q] = t.pairs->b16[(w >> (8 * q)) & 0xFF];
@@ -203,20 +212,29 @@ template <> struct PairDequant<__nv_bfloat16> {  /* one bf16x2 multiply per pair
     }
 };
 
-/* The kernels' lookup tables: the shared pair tables filled by the block (the caller synchronizes), the
- * register planes for bfloat16 unless `mode` keeps every lookup in shared memory. */
+/* The kernels' lookup tables, filled by the block (the caller synchronizes): the shared pair table, the
+ * lane table (`lane_pairs`, kLaneTableWords words) when `mode` uses it, and for bfloat16 the register
+ * planes when `mode` uses them. */
 template <typename T>
-__device__ __forceinline__ Lut4 make_lut4(PairTable &pairs, int quant_type, int mode) {
+__device__ __forceinline__ Lut4 make_lut4(PairTable &pairs, uint32_t *lane_pairs, int quant_type, int mode) {
     const float *lut = quant_type == QCKPT_NF4 ? kNF4Lut : kFP4Lut;
     const bool bf16 = std::is_same<T, __nv_bfloat16>::value;
-    if (!bf16 || mode != kLutRegs)
+    const bool lane_table = bf16 && uses_lane_table(mode);
+    if (!bf16 || (mode != kLutRegs && !lane_table))
         for (int i = threadIdx.x; i < 256; i += blockDim.x) {
             if (bf16) pairs.b16[i] = pack2<__nv_bfloat16>(lut[i >> 4], lut[i & 15]);
             else pairs.f32[i] = make_float2(lut[i >> 4], lut[i & 15]);
         }
+    if (lane_table) /* 16-byte stores: four lanes' copies of one entry at a time */
+        for (int i = threadIdx.x; i < kLaneTableWords / 4; i += blockDim.x) {
+            const int byte = i >> 3;
+            const uint32_t v = pack2<__nv_bfloat16>(lut[byte >> 4], lut[byte & 15]);
+            reinterpret_cast<uint4 *>(lane_pairs)[i] = make_uint4(v, v, v, v);
+        }
     Lut4 t;
     t.pairs = &pairs;
-    t.reg = bf16 && mode != kLutShared ? make_reg_lut(quant_type) : RegLut{};
+    t.lane_pairs = lane_table ? lane_pairs + (threadIdx.x & 31) : nullptr;
+    t.reg = bf16 && mode != kLutShared && mode != kLutLane ? make_reg_lut(quant_type) : RegLut{};
     return t;
 }
 
@@ -261,6 +279,19 @@ __device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Lut
     }
 }
 
+/* Fills the decode kernel's tables (lookups, and the nested code book when scales are nested) and waits
+ * for the whole block. Called after the first loads are issued: a block only lives for a few steps, and
+ * its loads need no table. */
+template <typename T, int LUT>
+__device__ __forceinline__ Lut4 gemm_tables(PairTable &pairs, uint32_t *lane_pairs, float *code, const Scales &scales,
+                                            int quant_type) {
+    const Lut4 tab = make_lut4<T>(pairs, lane_pairs, quant_type, LUT);
+    if (!scales.absmax)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
+    __syncthreads();
+    return tab;
+}
+
 /* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed; MINB blocks
  * per multiprocessor bound the registers; LUT: where bfloat16 codes are looked up (LutMode). */
 template <typename T, int NT, int R, int W, int DEPTH, int MINB, int LUT = kLutDefault>
@@ -268,31 +299,52 @@ __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__rest
                                                                     const uint8_t *__restrict__ packed, Scales scales,
                                                                     int64_t n_out, int64_t k, int log2_bs,
                                                                     int quant_type, T *__restrict__ y) {
-    static_assert(DEPTH == 1 || DEPTH == 2, "the register pipeline holds one or two steps ahead");
+    static_assert(DEPTH >= 1 && DEPTH <= 3, "the register ring holds one to three steps ahead");
     __shared__ PairTable pairs;
+    __shared__ __align__(16) uint32_t lane_pairs[uses_lane_table(LUT) ? kLaneTableWords : 4];
     __shared__ float code[256];
     __shared__ float red[W][R][NT][4][32];
-    const Lut4 tab = make_lut4<T>(pairs, quant_type, LUT);
-    if (!scales.absmax)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
-    __syncthreads();
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int64_t n0 = int64_t(blockIdx.x) * 16 * R, steps = ceil_div(k, 128);
     float acc[R][NT][4] = {};
 
-    /* software pipeline: the next DEPTH steps' loads are in flight while this step computes */
-    GemmFrag<NT, R> cur, n1, n2;
-    if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
-    if (DEPTH == 2 && warp + W < steps)
-        gemm_load<T, NT, R>(n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp + W, g, t);
-    for (int64_t s = warp; s < steps; s += W) {
-        if (s + DEPTH * W < steps)
-            gemm_load<T, NT, R>(DEPTH == 2 ? n2 : n1, x, batch, packed, scales, code, n_out, k, log2_bs, n0,
-                                s + DEPTH * W, g, t);
-        gemm_compute<T, NT, R, LUT>(cur, tab, scales, code, acc);
-        cur = n1;
-        if (DEPTH == 2) n1 = n2;
+    if constexpr (DEPTH == 1) {
+        /* one step ahead: `cur = next` waits for a load issued before this step's compute, which is the
+         * overlap wanted (an unrolled ring of two needs more registers and spills at 16 rows) */
+        GemmFrag<NT, R> cur, next;
+        if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
+        const Lut4 tab = gemm_tables<T, LUT>(pairs, lane_pairs, code, scales, quant_type);
+        for (int64_t s = warp; s < steps; s += W) {
+            if (s + W < steps)
+                gemm_load<T, NT, R>(next, x, batch, packed, scales, code, n_out, k, log2_bs, n0, s + W, g, t);
+            gemm_compute<T, NT, R, LUT>(cur, tab, scales, code, acc);
+            cur = next;
+        }
+    } else {
+        /* DEPTH steps ahead: a ring of DEPTH + 1 slots that turns once per DEPTH + 1 steps, the slot loop
+         * unrolled so every slot index is a constant. Rotating named buffers (cur = n1; n1 = n2) made the
+         * compiler copy registers whose loads were still in flight, and each copy waited for its load: one
+         * step stayed in flight, not DEPTH. */
+        constexpr int kSlots = DEPTH + 1;
+        GemmFrag<NT, R> ring[kSlots];
+#pragma unroll
+        for (int d = 0; d < DEPTH; d++)
+            if (warp + d * W < steps)
+                gemm_load<T, NT, R>(ring[d], x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp + d * W,
+                                    g, t);
+        const Lut4 tab = gemm_tables<T, LUT>(pairs, lane_pairs, code, scales, quant_type);
+        for (int64_t base = warp; base < steps; base += kSlots * W) {
+#pragma unroll
+            for (int d = 0; d < kSlots; d++) {
+                const int64_t s = base + d * W;
+                if (s >= steps) break;
+                if (s + DEPTH * W < steps)
+                    gemm_load<T, NT, R>(ring[(d + DEPTH) % kSlots], x, batch, packed, scales, code, n_out, k,
+                                        log2_bs, n0, s + DEPTH * W, g, t);
+                gemm_compute<T, NT, R, LUT>(ring[d], tab, scales, code, acc);
+            }
+        }
     }
 
 #pragma unroll

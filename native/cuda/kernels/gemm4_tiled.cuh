@@ -140,11 +140,12 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     gemm_4bit_tiled_kernel(const T *__restrict__ x, int batch, const uint8_t *__restrict__ packed, Scales scales,
                            int64_t n_out, int64_t k, int log2_bs, int quant_type, T *__restrict__ y,
                            float *__restrict__ partials, int *__restrict__ counters) {
+    static_assert(!uses_lane_table(LUT), "the tiled kernel has no lane table");
     extern __shared__ __align__(128) unsigned char smem_x[];
     __shared__ PairTable pairs;
     __shared__ float code[256];
     __shared__ int is_last;
-    const Lut4 tab = make_lut4<T>(pairs, quant_type, LUT);
+    const Lut4 tab = make_lut4<T>(pairs, nullptr, quant_type, LUT);
     if (!scales.absmax)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
 
