@@ -3,8 +3,10 @@
  * result against a float32 reference, so one GPU call can choose the launch table of native/cuda/gemm4.cu.
  * Not part of the library; built and run by scripts/cuda_tune/run_sweep.sh on the GPU machine:
  *
- *   nvcc -O3 -std=c++17 -arch=sm_90 -I native/include -I native/cuda scripts/cuda_tune/gemm4_sweep.cu \
- *        native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
+ *   nvcc -O3 -std=c++17 -fmad=false -gencode=arch=compute_90a,code=sm_90a -I native/include -I native/cuda \
+ *        scripts/cuda_tune/gemm4_sweep.cu native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
+ *
+ * (sm_90a for the wgmma experiment, gemm4_wgmma.cuh; modes: --decode, --wgmma, --lut, --profile, --quick)
  *
  * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
  * copies so L2 (50 MB) cannot serve them. Times: median over 7 repetitions of 24 back-to-back launches
@@ -21,7 +23,7 @@
 #include "harness.cuh"
 #include "kernels/gemm4.cuh"
 #include "kernels/gemm4_tiled.cuh"
-#include "kernels/gemm4_wgmma.cuh"
+#include "gemm4_wgmma.cuh"
 
 using bf16 = __nv_bfloat16;
 using namespace qk;
@@ -208,7 +210,7 @@ static void sweep_wgmma(Problem &p, int batch, int sms, uint32_t lbo = kWgmmaLbo
         CK(cudaDeviceSynchronize());
         const double err = rel_error(p, batch);
         char cfg[64];
-        snprintf(cfg, sizeof cfg, "BN%d WG%d S%d MINB%d%s", Shape::BN, Shape::WG, Shape::STAGES, MINB,
+        snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d MINB%d%s", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES, MINB,
                  lbo == kWgmmaLbo ? "" : " swapped");
         report("wgmma", cfg, p, batch, splits, time_us(launch, kRotate), err);
     }
@@ -225,7 +227,7 @@ int main(int argc, char **argv) {
             p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6, QCKPT_NF4, p.y);
         CK((launch_gemm_4bit_tiled<bf16, TiledShape<8, 1, 1, 8, 4>, 2, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out,
                                                                            p.k, 6, QCKPT_NF4, p.y, 1, p.workspace, 0)));
-        CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 1, 4>, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out, p.k, 6,
+        CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 1, 2, 4>, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out, p.k, 6,
                                                                     QCKPT_NF4, p.y, 1, p.workspace, 0)));
         CK(cudaDeviceSynchronize());
         free_problem(p);
@@ -241,13 +243,13 @@ int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--wgmma")) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);
-            if (&shape == &shapes[0]) sweep_wgmma<WgmmaShape<128, 1, 4>, 2>(p, 128, sms, kWgmmaSbo, kWgmmaLbo);
-            for (int batch : {128, 64, 32, 256}) {
-                sweep_wgmma<WgmmaShape<128, 1, 4>, 2>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<128, 1, 3>, 3>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<64, 1, 4>, 3>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<64, 1, 6>, 2>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<128, 2, 3>, 1>(p, batch, sms);
+            for (int batch : {128, 64, 32}) {
+                sweep_wgmma<WgmmaShape<128, 1, 1, 4>, 2>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<128, 1, 2, 4>, 2>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<128, 2, 1, 4>, 1>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<128, 2, 2, 3>, 1>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<64, 1, 2, 4>, 2>(p, batch, sms);
+                sweep_wgmma<WgmmaShape<64, 2, 2, 4>, 1>(p, batch, sms);
                 if (batch == 128 || batch == 64) sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
                 if (batch == 32) sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2>(p, batch, sms);
             }

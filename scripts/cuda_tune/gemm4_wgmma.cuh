@@ -1,38 +1,44 @@
-/* gemm4_wgmma.cuh -- fused 4-bit dequantize + matmul for prefill-sized batches on Hopper's warpgroup tensor
- * core instruction (wgmma, sm_90a):
+/* gemm4_wgmma.cuh -- EXPERIMENT, not part of the library: a fused 4-bit dequantize + matmul for prefill-sized
+ * batches on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a), timed by gemm4_sweep.cu --wgmma.
+ * It is correct (the harness checks every launch against a float32 reference) but on an H100 it was no
+ * faster than the library's mma.sync kernel (gemm4_tiled.cuh): 120-160 us against 115 us at 128 rows of
+ * 14336x4096 (scripts/BENCHMARKS.md has the table and the profile). It stays here, outside native/, as the
+ * starting point for the next attempt.
  *
  *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out)
  *
- * Why wgmma: with mma.sync (gemm4_tiled.cuh) every warp re-reads its x fragments through registers, and at
- * 128 rows that shared-memory traffic and the per-warp issue slots capped the kernel near 130 TFLOP/s.
- * wgmma reads x (operand B) straight from shared memory for a whole warpgroup (4 warps, 64 outputs) and
- * takes the weights (operand A) from registers, where they are dequantized: one m64nNk16 instruction does
- * what 4 x N/8 mma.sync did, and a warp's issue slots go to the lookups.
+ * Why wgmma: with mma.sync every warp re-reads its x fragments through registers; wgmma reads x (operand B)
+ * straight from shared memory for a whole warpgroup (4 warps, 64 outputs) and takes the weights (operand A)
+ * from registers, where they are dequantized.
  *
- * Tiles: a block is WG warpgroups (64 outputs each) by BN batch rows, over k-tiles of 64. Each k-tile's x
- * (BN x 64 bfloat16) and packed weights (64 * WG rows x 32 bytes) stream into shared memory through a
- * STAGES-deep cp.async ring. x is laid out as wgmma's no-swizzle K-major "core matrices" (8 rows x 16
- * bytes each, 128 contiguous bytes): byte (n >> 3) * 1024 + c * 128 + (n & 7) * 16 holds k-chunk c
- * (8 values) of row n, so a k16 step's descriptor starts at 256 * step with 128 bytes between its two
- * k-chunks (leading byte offset) and 1024 between 8-row groups (stride byte offset).
+ * Tiles: a block is WG warpgroups of MT x 64 outputs each by BN batch rows, over k-tiles of 64. Each
+ * k-tile's x (BN x 64 bfloat16), packed weights (BM rows x 32 bytes) and block scales stream into shared
+ * memory through a STAGES-deep ring (cp.async; the scales by plain loads, stored one k-tile later). x is
+ * laid out as wgmma's no-swizzle K-major "core matrices" (8 rows x 16 bytes, 128 contiguous bytes): byte
+ * (n >> 3) * 1024 + c * 128 + (n & 7) * 16 holds k-chunk c (8 values) of row n, so a k16 step's descriptor
+ * starts at 256 * step with 128 bytes between its two k-chunks (leading byte offset) and 1024 between
+ * 8-row groups (stride byte offset) -- measured right; swapping the two gave garbage.
  *
  * A fragments follow the mma.m16n8k16 layout: lane (g, t) of warp w holds rows 16w + g and + 8 at k pairs
  * (2t, 2t + 1) and (2t + 8, 2t + 9) of a k16 step -- in packed bytes, byte t of the step's two 4-byte
- * words. Each lane reads its rows' 32 bytes of the k-tile from shared memory (a quad shares them) and
- * looks up the pairs in the shared pair table; scaling is PairDequant's, the same values as the other
- * kernels.
+ * words. Each lane reads its rows' 32 bytes of the k-tile from shared memory (a quad shares them) and looks
+ * up the pairs in the shared pair table; scaling is PairDequant's, the same values as the other kernels.
  *
- * Per k-tile a warpgroup dequantizes, issues its 4 wgmmas, and waits for them; the other resident blocks
- * keep the tensor cores busy meanwhile. Split k and the deterministic finish are gemm4_tiled.cuh's. */
+ * Per k-tile a warpgroup dequantizes, issues its wgmmas and waits for them. What the profile said about
+ * that (Nsight Compute, 128 rows): one warpgroup per SM on a short grid, 0.22 issued warps per scheduler
+ * and L2 throughput 46-69% from re-reading x once per 64-128 outputs -- latency- and L2-bound, not tensor
+ * bound. Next: a persistent grid with two consumer warpgroups overlapping dequantize and wgmma
+ * (wait_group 1), x shared by a cluster through TMA multicast. Split k and the deterministic finish are
+ * gemm4_tiled.cuh's. */
 #ifndef QCKPT_CUDA_GEMM4_WGMMA_CUH
 #define QCKPT_CUDA_GEMM4_WGMMA_CUH
 
-#include "gemm4_tiled.cuh"
+#include "kernels/gemm4_tiled.cuh"
 
 namespace qk {
 
 /* wgmma assembles only for sm_90a; elsewhere (other targets, the PTX for newer GPUs) the kernel body is
- * a trap that the launcher never reaches (wgmma_supported()). */
+ * a trap. */
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define QK_HAS_WGMMA 1
 #else
@@ -120,14 +126,16 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void *smem, uint32_t lbo, u
            (uint64_t((sbo & 0x3FFFF) >> 4) << 32);
 }
 
-template <int BN_, int WG_, int STAGES_>
+template <int BN_, int WG_, int MT_, int STAGES_>
 struct WgmmaShape {
-    static constexpr int BN = BN_, WG = WG_, STAGES = STAGES_;
+    static constexpr int BN = BN_, WG = WG_, MT = MT_, STAGES = STAGES_;
     static_assert(BN == 64 || BN == 128, "batch tile of 64 or 128 rows");
-    static constexpr int kThreads = WG * 128, BM = WG * 64;
-    static constexpr int kXBytes = BN * kTiledBK * 2, kWBytes = BM * kTiledBK / 2;
-    static constexpr int kStageBytes = kXBytes + kWBytes;
+    static_assert(STAGES >= 3, "scales are stored one k-tile after they are loaded, two ahead of use");
+    static constexpr int kThreads = WG * 128, BM = WG * MT * 64;
+    static constexpr int kXBytes = BN * kTiledBK * 2, kWBytes = BM * kTiledBK / 2, kScaleBytes = BM * 2 * 4;
+    static constexpr int kStageBytes = kXBytes + kWBytes + kScaleBytes;
     static constexpr int kSmemBytes = STAGES * kStageBytes;
+    static constexpr int kScalesPerThread = BM * 2 / kThreads; /* = MT */
 };
 
 constexpr uint32_t kWgmmaLbo = 128, kWgmmaSbo = 1024; /* the x layout above */
@@ -156,25 +164,34 @@ __device__ __forceinline__ void wgmma_load_stage(unsigned char *stage, const voi
     }
 }
 
-/* The raw scale inputs of one weight row for one k-tile: halves 0 and 1 (k 0..31 and 32..63; they differ
- * only for blocksize 32). */
-struct WgmmaRowScale {
-    float raw[2];
-    uint32_t code_index[2];
-};
+/* Block scales of a k-tile, one per weight row and half of the tile (k 0..31, 32..63: they differ only for
+ * blocksize 32), kept in the stage as float32 [row][half]. Each thread owns kScalesPerThread of them: it
+ * loads their raw inputs one k-tile, and combines and stores them the next (a load waited on in the same
+ * k-tile would stall every warp of the block for a global round trip). */
+template <typename Shape>
+struct WgmmaScaleLoads {
+    float raw[Shape::kScalesPerThread];
+    uint32_t code_index[Shape::kScalesPerThread];
 
-__device__ __forceinline__ void wgmma_load_scale(WgmmaRowScale &s, const Scales &scales, int64_t row, int64_t n_out,
-                                                 int64_t k, int64_t kt, int log2_bs) {
+    __device__ __forceinline__ void load(const Scales &scales, int64_t n_block, int64_t n_out, int64_t k, int64_t kt,
+                                         int log2_bs) {
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        if (row < n_out) {
-            load_raw_scale(scales, (row * k + kt * kTiledBK + 32 * h) >> log2_bs, s.raw[h], s.code_index[h]);
-        } else {
-            s.raw[h] = 0.0f;
-            s.code_index[h] = 0;
+        for (int i = 0; i < Shape::kScalesPerThread; i++) {
+            const int e = threadIdx.x + i * Shape::kThreads;
+            const int64_t row = n_block + (e >> 1);
+            raw[i] = 0.0f; /* past n_out: a zero scale, and the rows are never stored */
+            code_index[i] = 0;
+            if (row < n_out)
+                load_raw_scale(scales, (row * k + kt * kTiledBK + 32 * (e & 1)) >> log2_bs, raw[i], code_index[i]);
         }
     }
-}
+    __device__ __forceinline__ void store(unsigned char *stage, const Scales &scales, const float *code) const {
+        float *out = reinterpret_cast<float *>(stage + Shape::kXBytes + Shape::kWBytes);
+#pragma unroll
+        for (int i = 0; i < Shape::kScalesPerThread; i++)
+            out[threadIdx.x + i * Shape::kThreads] = raw_block_scale(scales, code, raw[i], code_index[i]);
+    }
+};
 
 /* One pair of a byte, scaled: the shared pair table as PairDequant::word reads it. */
 template <typename T> __device__ __forceinline__ uint32_t scaled_pair(const Lut4 &t, uint32_t byte, const PairDequant<T> &d);
@@ -199,7 +216,7 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
                            int64_t n_out, int64_t k, int log2_bs, int quant_type, T *__restrict__ y,
                            float *__restrict__ partials, int *__restrict__ counters, uint32_t lbo, uint32_t sbo) {
 #if QK_HAS_WGMMA
-    constexpr int BN = Shape::BN, STAGES = Shape::STAGES;
+    constexpr int BN = Shape::BN, MT = Shape::MT, STAGES = Shape::STAGES;
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ PairTable pairs;
     __shared__ float code[256];
@@ -209,25 +226,28 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int lrow = (warp >> 2) * 64 + (warp & 3) * 16 + g; /* this lane's first weight row in the tile */
+    /* this lane's first weight row of sub-tile mt: lrow0 + 64 * mt (and + 8) */
+    const int lrow0 = (warp >> 2) * MT * 64 + (warp & 3) * 16 + g;
     const int64_t n_block = int64_t(blockIdx.x) * Shape::BM, m0 = int64_t(blockIdx.y) * BN;
-    const int64_t row0 = n_block + lrow, row1 = row0 + 8;
     const int splits = gridDim.z, split = blockIdx.z;
     const int64_t ktiles = k / kTiledBK;
     const int64_t kt0 = ktiles * split / splits, nk = ktiles * (split + 1) / splits - kt0;
 
-    float acc[BN / 2] = {};
+    float acc[MT][BN / 2] = {};
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
         if (s < nk)
             wgmma_load_stage<Shape>(smem + s * Shape::kStageBytes, x, batch, k, m0, packed, n_out, n_block, kt0 + s);
         cp_async_commit();
     }
-    WgmmaRowScale cur0, cur1, next0, next1; /* rows row0, row1; `next` one k-tile ahead */
-    if (nk > 0) {
-        wgmma_load_scale(cur0, scales, row0, n_out, k, kt0, log2_bs);
-        wgmma_load_scale(cur1, scales, row1, n_out, k, kt0, log2_bs);
-    }
+    WgmmaScaleLoads<Shape> pending;
+    __syncthreads(); /* the code book, for the prologue's scales */
+#pragma unroll 1
+    for (int s = 0; s < STAGES - 1; s++)
+        if (s < nk) {
+            pending.load(scales, n_block, n_out, k, kt0 + s, log2_bs);
+            pending.store(smem + s * Shape::kStageBytes, scales, code);
+        }
     const int shift = 8 * t;
     for (int64_t it = 0; it < nk; it++) {
         cp_async_wait<STAGES - 2>();
@@ -237,50 +257,59 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
             wgmma_load_stage<Shape>(smem + ((it + STAGES - 1) % STAGES) * Shape::kStageBytes, x, batch, k, m0, packed,
                                     n_out, n_block, kt0 + it + STAGES - 1);
         cp_async_commit();
-        if (it + 1 < nk) {
-            wgmma_load_scale(next0, scales, row0, n_out, k, kt0 + it + 1, log2_bs);
-            wgmma_load_scale(next1, scales, row1, n_out, k, kt0 + it + 1, log2_bs);
-        }
+        /* scales: tile it + STAGES - 2's (loaded last k-tile) into its slot, then load tile it + STAGES - 1's */
+        if (it >= 1 && it + STAGES - 2 < nk)
+            pending.store(smem + ((it + STAGES - 2) % STAGES) * Shape::kStageBytes, scales, code);
+        if (it + STAGES - 1 < nk) pending.load(scales, n_block, n_out, k, kt0 + it + STAGES - 1, log2_bs);
+
         const unsigned char *stage = smem + (it % STAGES) * Shape::kStageBytes;
-        const uint4 *wrow = reinterpret_cast<const uint4 *>(stage + Shape::kXBytes + lrow * 32);
-        const uint4 w0[2] = {wrow[0], wrow[1]}, w1[2] = {wrow[16], wrow[17]}; /* rows lrow and lrow + 8 */
-        const uint32_t *b0 = reinterpret_cast<const uint32_t *>(w0), *b1 = reinterpret_cast<const uint32_t *>(w1);
-        uint32_t a[4][4];
+        const float *tile_scales = reinterpret_cast<const float *>(stage + Shape::kXBytes + Shape::kWBytes);
+        uint32_t a[MT][4][4];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const PairDequant<T> d0(raw_block_scale(scales, code, cur0.raw[h], cur0.code_index[h]));
-            const PairDequant<T> d1(raw_block_scale(scales, code, cur1.raw[h], cur1.code_index[h]));
+        for (int mt = 0; mt < MT; mt++) {
+            const int lrow = lrow0 + 64 * mt;
+            const uint4 *wrow = reinterpret_cast<const uint4 *>(stage + Shape::kXBytes + lrow * 32);
+            const uint4 w0[2] = {wrow[0], wrow[1]}, w1[2] = {wrow[16], wrow[17]}; /* rows lrow and lrow + 8 */
+            const uint32_t *b0 = reinterpret_cast<const uint32_t *>(w0), *b1 = reinterpret_cast<const uint32_t *>(w1);
 #pragma unroll
-            for (int j = 2 * h; j < 2 * h + 2; j++) {
-                a[j][0] = scaled_pair<T>(tab, (b0[2 * j] >> shift) & 0xFF, d0);
-                a[j][1] = scaled_pair<T>(tab, (b1[2 * j] >> shift) & 0xFF, d1);
-                a[j][2] = scaled_pair<T>(tab, (b0[2 * j + 1] >> shift) & 0xFF, d0);
-                a[j][3] = scaled_pair<T>(tab, (b1[2 * j + 1] >> shift) & 0xFF, d1);
+            for (int h = 0; h < 2; h++) {
+                const PairDequant<T> d0(tile_scales[2 * lrow + h]), d1(tile_scales[2 * (lrow + 8) + h]);
+#pragma unroll
+                for (int j = 2 * h; j < 2 * h + 2; j++) {
+                    a[mt][j][0] = scaled_pair<T>(tab, (b0[2 * j] >> shift) & 0xFF, d0);
+                    a[mt][j][1] = scaled_pair<T>(tab, (b1[2 * j] >> shift) & 0xFF, d1);
+                    a[mt][j][2] = scaled_pair<T>(tab, (b0[2 * j + 1] >> shift) & 0xFF, d0);
+                    a[mt][j][3] = scaled_pair<T>(tab, (b1[2 * j + 1] >> shift) & 0xFF, d1);
+                }
             }
         }
         wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 4; j++) Wgmma<T, BN>::run(acc, a[j], wgmma_desc(stage + 256 * j, lbo, sbo));
+        for (int j = 0; j < 4; j++) {
+            const uint64_t desc = wgmma_desc(stage + 256 * j, lbo, sbo);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) Wgmma<T, BN>::run(acc[mt], a[mt][j], desc);
+        }
         wgmma_commit();
         wgmma_wait_all();
-        cur0 = next0;
-        cur1 = next1;
     }
     cp_async_wait<0>();
 
-    /* accumulator i of this lane: output row lrow (+ 8 for i % 4 >= 2), batch row 8 * (i / 4) + 2t + i % 2 */
+    /* accumulator i of sub-tile mt: output row lrow0 + 64 mt (+ 8 for i % 4 >= 2), batch row
+     * 8 * (i / 4) + 2t + i % 2 */
 #define QK_WGMMA_FOR_EACH(BODY)                                                          \
+    _Pragma("unroll") for (int mt = 0; mt < MT; mt++)                                    \
     _Pragma("unroll") for (int i = 0; i < BN / 2; i++) {                                 \
-        const int64_t n = row0 + ((i & 2) ? 8 : 0);                                      \
+        const int64_t n = n_block + lrow0 + 64 * mt + ((i & 2) ? 8 : 0);                 \
         const int64_t m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);                           \
         if (n < n_out && m < batch) { BODY; }                                            \
     }
     if (splits == 1) {
-        QK_WGMMA_FOR_EACH(y[m * n_out + n] = from_f32<T>(acc[i]));
+        QK_WGMMA_FOR_EACH(y[m * n_out + n] = from_f32<T>(acc[mt][i]));
         return;
     }
     float *own = partials + int64_t(split) * batch * n_out;
-    QK_WGMMA_FOR_EACH(__stcg(own + m * n_out + n, acc[i]));
+    QK_WGMMA_FOR_EACH(__stcg(own + m * n_out + n, acc[mt][i]));
     __threadfence();
     __syncthreads();
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
@@ -291,13 +320,13 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     QK_WGMMA_FOR_EACH({
         float sum = 0.0f;
         for (int s = 0; s < splits; s++)
-            sum = __fadd_rn(sum, s == split ? acc[i] : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
+            sum = __fadd_rn(sum, s == split ? acc[mt][i] : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
         y[m * n_out + n] = from_f32<T>(sum);
     });
 #undef QK_WGMMA_FOR_EACH
     if (threadIdx.x == 0) counters[tile] = 0;
 #else
-    __trap(); /* not built for sm_90a: wgmma_supported() keeps launches away */
+    __trap(); /* not built for sm_90a (run_sweep.sh builds sm_90a on an H100) */
 #endif
 }
 
