@@ -297,34 +297,17 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
 
     /* accumulator i of sub-tile mt: output row lrow0 + 64 mt (+ 8 for i % 4 >= 2), batch row
      * 8 * (i / 4) + 2t + i % 2 */
-#define QK_WGMMA_FOR_EACH(BODY)                                                          \
-    _Pragma("unroll") for (int mt = 0; mt < MT; mt++)                                    \
-    _Pragma("unroll") for (int i = 0; i < BN / 2; i++) {                                 \
-        const int64_t n = n_block + lrow0 + 64 * mt + ((i & 2) ? 8 : 0);                 \
-        const int64_t m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);                           \
-        if (n < n_out && m < batch) { BODY; }                                            \
-    }
-    if (splits == 1) {
-        QK_WGMMA_FOR_EACH(y[m * n_out + n] = from_f32<T>(acc[mt][i]));
-        return;
-    }
-    float *own = partials + int64_t(split) * batch * n_out;
-    QK_WGMMA_FOR_EACH(__stcg(own + m * n_out + n, acc[mt][i]));
-    __threadfence();
-    __syncthreads();
-    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == splits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    QK_WGMMA_FOR_EACH({
-        float sum = 0.0f;
-        for (int s = 0; s < splits; s++)
-            sum = __fadd_rn(sum, s == split ? acc[mt][i] : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
-        y[m * n_out + n] = from_f32<T>(sum);
-    });
-#undef QK_WGMMA_FOR_EACH
-    if (threadIdx.x == 0) counters[tile] = 0;
+    const auto for_each = [&](const auto &f) {
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int i = 0; i < BN / 2; i++) {
+                const int64_t n = n_block + lrow0 + 64 * mt + ((i & 2) ? 8 : 0);
+                const int64_t m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+                if (n < n_out && m < batch) f(n, m, acc[mt][i]);
+            }
+    };
+    finish_split_k<T>(for_each, y, partials, counters, is_last, batch, n_out);
 #else
     __trap(); /* not built for sm_90a (run_sweep.sh builds sm_90a on an H100) */
 #endif

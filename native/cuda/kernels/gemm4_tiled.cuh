@@ -132,6 +132,37 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
     }
 }
 
+/* The end of a block that may split k. One split: y directly. Several: this split's float32 partial sums go
+ * to the workspace; the last split of the tile to arrive (a counter per tile) adds them in split order --
+ * deterministic -- writes y and resets the counter, so the counters stay zero between calls.
+ * for_each(f) calls f(n, m, value) for each of the thread's outputs inside (n_out, batch); is_last is a
+ * __shared__ flag. */
+template <typename T, typename ForEach>
+__device__ __forceinline__ void finish_split_k(const ForEach &for_each, T *__restrict__ y, float *__restrict__ partials,
+                                               int *__restrict__ counters, int &is_last, int batch, int64_t n_out) {
+    const int splits = gridDim.z, split = blockIdx.z;
+    if (splits == 1) {
+        for_each([&](int64_t n, int64_t m, float v) { y[m * n_out + n] = from_f32<T>(v); });
+        return;
+    }
+    float *own = partials + int64_t(split) * batch * n_out;
+    for_each([&](int64_t n, int64_t m, float v) { __stcg(own + m * n_out + n, v); });
+    __threadfence();
+    __syncthreads();
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for_each([&](int64_t n, int64_t m, float v) {
+        float sum = 0.0f;
+        for (int s = 0; s < splits; s++)
+            sum = __fadd_rn(sum, s == split ? v : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
+        y[m * n_out + n] = from_f32<T>(sum);
+    });
+    if (threadIdx.x == 0) counters[tile] = 0;
+}
+
 /* grid: (n tiles, m tiles, splits). counters: one per (n, m) tile, zero on entry and left zero; partials:
  * splits * batch * n_out floats. Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
  * aligned base) and 8-byte aligned packed. */
@@ -194,35 +225,19 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     cp_async_wait<0>();
 
     /* element (i, mt, q) of this lane: output row n, batch row m */
-#define QK_TILED_FOR_EACH(BODY)                                                                   \
-    _Pragma("unroll") for (int i = 0; i < NT16; i++)                                              \
-    _Pragma("unroll") for (int mt = 0; mt < MT; mt++)                                             \
-    _Pragma("unroll") for (int q = 0; q < 4; q++) {                                               \
-        const int64_t n = row0 + i * 16 + g + (q >= 2 ? 8 : 0);                                   \
-        const int64_t m = m0 + (wm * MT + mt) * 8 + 2 * t + (q & 1);                              \
-        if (n < n_out && m < batch) { BODY; }                                                     \
-    }
-    if (splits == 1) {
-        QK_TILED_FOR_EACH(y[m * n_out + n] = from_f32<T>(acc[i][mt][q]));
-        return;
-    }
-    float *own = partials + int64_t(split) * batch * n_out;
-    QK_TILED_FOR_EACH(__stcg(own + m * n_out + n, acc[i][mt][q]));
-    __threadfence();
-    __syncthreads();
-    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == splits - 1;
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    QK_TILED_FOR_EACH({
-        float sum = 0.0f;
-        for (int s = 0; s < splits; s++)
-            sum = __fadd_rn(sum, s == split ? acc[i][mt][q] : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
-        y[m * n_out + n] = from_f32<T>(sum);
-    });
-#undef QK_TILED_FOR_EACH
-    if (threadIdx.x == 0) counters[tile] = 0;
+    const auto for_each = [&](const auto &f) {
+#pragma unroll
+        for (int i = 0; i < NT16; i++)
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const int64_t n = row0 + i * 16 + g + (q >= 2 ? 8 : 0);
+                    const int64_t m = m0 + (wm * MT + mt) * 8 + 2 * t + (q & 1);
+                    if (n < n_out && m < batch) f(n, m, acc[i][mt][q]);
+                }
+    };
+    finish_split_k<T>(for_each, y, partials, counters, is_last, batch, n_out);
 }
 
 /* The workspace starts with kTiledMaxCounters tile counters (a fixed region, so that calls of any shape
