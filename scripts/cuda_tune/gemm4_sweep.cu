@@ -266,12 +266,10 @@ int main(int argc, char **argv) {
                 sweep_gemv<1, 1, 4, 2, 4, kLutShared>(p, batch);
                 sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
                 sweep_gemv<1, 1, 4, 2, 4, kLutLane>(p, batch);
-                sweep_gemv<1, 1, 4, 2, 4, kLutLaneMixed>(p, batch);
                 sweep_gemv<1, 1, 4, 3, 3, kLutLane>(p, batch);
                 sweep_gemv<1, 1, 8, 2, 2, kLutShared>(p, batch);
                 sweep_gemv<1, 1, 8, 2, 2, kLutMixed>(p, batch);
                 sweep_gemv<1, 1, 8, 2, 2, kLutLane>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, kLutLaneMixed>(p, batch);
                 sweep_gemv<1, 1, 2, 2, 6, kLutLane>(p, batch);
                 sweep_gemv<1, 2, 4, 2, 2, kLutLane>(p, batch);
             }
@@ -279,11 +277,9 @@ int main(int argc, char **argv) {
                 sweep_gemv<2, 2, 4, 1, 3, kLutMixed>(p, batch);
                 sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch);
                 sweep_gemv<2, 2, 4, 2, 2, kLutLane>(p, batch);
-                sweep_gemv<2, 2, 4, 2, 2, kLutLaneMixed>(p, batch);
                 sweep_gemv<2, 1, 8, 1, 2, kLutMixed>(p, batch);
                 sweep_gemv<2, 1, 8, 1, 2, kLutLane>(p, batch);
                 sweep_gemv<2, 1, 4, 2, 3, kLutLane>(p, batch);
-                sweep_gemv<2, 1, 8, 2, 2, kLutLaneMixed>(p, batch);
             }
             free_problem(p);
         }

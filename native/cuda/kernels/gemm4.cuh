@@ -113,18 +113,17 @@ struct PairTable {
  * random bytes hit the same bank ~3 times per access (the L1/shared pipe was 80% busy at batch 1); the
  * registers cost ~21 integer ops per 8 codes (the ALU pipe was 57% busy). Mixed splits a lane's rows
  * between them so that both pipes share the work. */
-enum LutMode { kLutShared = 0, kLutRegs = 1, kLutMixed = 2, kLutLane = 3, kLutLaneMixed = 4 };
+enum LutMode { kLutShared = 0, kLutRegs = 1, kLutMixed = 2, kLutLane = 3 };
 constexpr int kLutDefault = kLutMixed;
 
 /* The lane table: a copy of the bfloat16 pair table per lane (entry [byte][lane], 32 KiB a block), so
  * that lane l always reads bank l: one wavefront per lookup instead of ~3.5 for 32 random bytes. */
 constexpr int kLaneTableWords = 256 * 32;
-__host__ __device__ constexpr bool uses_lane_table(int mode) { return mode == kLutLane || mode == kLutLaneMixed; }
+__host__ __device__ constexpr bool uses_lane_table(int mode) { return mode == kLutLane; }
 
 /* The table row half h (0, 1) of a fragment uses under `mode`: kLutShared, kLutRegs or kLutLane. */
 __host__ __device__ constexpr int lut_kind(int mode, int h) {
-    return mode == kLutMixed ? (h == 0 ? kLutRegs : kLutShared)
-         : mode == kLutLaneMixed ? (h == 0 ? kLutRegs : kLutLane) : mode;
+    return mode == kLutMixed ? (h == 0 ? kLutRegs : kLutShared) : mode;
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
