@@ -339,6 +339,30 @@ def test_fused_gemm_4bit_prepares_each_weight_once(gen):
     assert key not in kcuda._prepared_weights
 
 
+def test_gemm_4bit_prefill_expanded_scales_match_and_follow_edits(gen):
+    """On an H100 the prefill kernel reads the weight's scales expanded to one float32 per block, kept with the
+    weight: the result is bit-identical to one made with the scales expanded in the workspace per call (NULL),
+    and after the scales are edited in place (as load_state_dict does) the next call sees the new values.
+    Elsewhere the kept buffer is absent and the same checks hold for the tiled kernel."""
+    ffi, lib = kcuda.load()
+    for dq, bs in ((False, 64), (True, 32)):
+        qt = converter.quantize((torch.randn(300, 1024, generator=gen) * 0.05).cuda(), "nf4", bs, dq)
+        x = torch.randn(40, 1024, generator=gen).bfloat16().cuda()
+        y = kcuda.fused_gemm_4bit(x, qt)
+        prep = kcuda._prepared_weights[id(qt.data)][1]
+        fresh = torch.empty_like(y)
+        ws = kcuda._split_workspace(40, 300, 1024, x.device)
+        kcuda._check(lib.qckpt_cuda_gemm_4bit(kcuda._ptr(x), kcuda._dtype_code(x.dtype), 40, prep.packed_ptr,
+                                              prep.scales, 300, 1024, bs, prep.quant, kcuda._ptr(fresh),
+                                              kcuda._ptr(ws), 0 if ws is None else ws.numel(), ffi.NULL,
+                                              kcuda._stream(x.device)))
+        assert torch.equal(fresh.view(torch.int16), y.view(torch.int16)), (dq, bs)
+        (qt.nested.absmax if dq else qt.absmax).mul_(2.0)  # nested: code * absmax2 + offset changes too
+        y2 = kcuda.fused_gemm_4bit(x, qt)
+        assert rel_err(y2, reference_matmul(x, qt)) < 1e-2, (dq, bs)
+        assert not torch.equal(y2.view(torch.int16), y.view(torch.int16))
+
+
 def test_fused_gemm_4bit_rejects_unsupported_shapes(gen):
     qt = converter.quantize((torch.randn(64, 96, generator=gen)).cuda(), "nf4", 32, False)
     with pytest.raises(QuantizationInputError, match="17..128 rows with K % 64"):

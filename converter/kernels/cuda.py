@@ -419,7 +419,8 @@ class _PreparedWeight:
     the scales struct. Only copies made for it are kept alive here (`own`); the weight's own tensors are
     not, so that moving a model off the GPU frees its memory: their pointers are compared on each use."""
 
-    __slots__ = ("device", "packed_ptr", "scales", "own", "quant", "source_ptr", "scale_ptrs")
+    __slots__ = ("device", "packed_ptr", "scales", "own", "quant", "source_ptr", "scale_ptrs", "expanded",
+                 "expanded_versions")
 
 
 # id(packed tensor) -> (weak reference to it, its _PreparedWeight). A decode step calls fused_gemm_4bit once
@@ -466,9 +467,41 @@ def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
     prep.packed_ptr = _ptr(packed, "uint8_t *")
     prep.scales = _scales(absmax, nested)
     prep.quant = _QUANT4[weight.quant_type]
+    prep.expanded, prep.expanded_versions = None, None
     key = id(source)
     _prepared_weights[key] = (weakref.ref(source, lambda _ref, key=key: _forget(key, _ref)), prep)
     return prep
+
+
+def _scale_versions(weight: QuantizedTensor) -> tuple:
+    nested = weight.nested
+    if nested is None:
+        return (weight.absmax._version,)
+    return (nested.codes._version, nested.absmax._version, nested.code._version)
+
+
+def _expanded_scales(prep: _PreparedWeight, weight: QuantizedTensor, device: torch.device):
+    """The weight's block scales expanded for the Hopper prefill kernel (one float32 per block), made on first
+    use and kept with the prepared weight; ffi.NULL where the kernel does not read them (other GPUs, shapes it
+    does not take) or inside CUDA-graph capture (the kernel then makes them in its workspace). Made again when
+    the scales were changed in place (their version counters moved), e.g. by load_state_dict."""
+    ffi, lib = load()
+    versions = _scale_versions(weight)
+    if prep.expanded is not None and prep.expanded_versions == versions:
+        return ffi.NULL if prep.expanded is False else _ptr(prep.expanded, "float *")
+    if torch.cuda.is_current_stream_capturing():
+        return ffi.NULL
+    n_out, k = weight.shape
+    nbytes = ffi.new("int64_t *")
+    _check(lib.qckpt_cuda_gemm_4bit_scales_bytes(n_out, k, weight.blocksize, nbytes))
+    if nbytes[0] == 0:
+        prep.expanded, prep.expanded_versions = False, versions
+        return ffi.NULL
+    buf = torch.empty(nbytes[0] // 4, dtype=torch.float32, device=device)
+    _check(lib.qckpt_cuda_gemm_4bit_expand_scales(prep.scales, n_out, k, weight.blocksize, _ptr(buf, "float *"),
+                                                  _stream(device)))
+    prep.expanded, prep.expanded_versions = buf, versions
+    return _ptr(buf, "float *")
 
 
 def _forget(key: int, ref) -> None:
@@ -481,7 +514,8 @@ def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     """Fused dequantize + matmul: x (rows, K) bf16/fp16, rows <= FUSED_MAX_ROWS @ dequant(W (N, K))^T
     -> (rows, N) in x.dtype. Weights are read once (4 bits each), products on the tensor cores with
     float32 accumulation, deterministic; no synchronization. 1..16 rows take the decode kernel,
-    17..128 the tiled prefill kernel (which may split K through a cached per-stream workspace)."""
+    17..128 a prefill kernel (which may split K through a cached per-stream workspace); on an H100 that one
+    reads the weight's scales expanded to one float32 per block, kept with the weight (_expanded_scales)."""
     ffi, lib = load()
     n_out, k = weight.shape
     device = x.device
@@ -496,10 +530,12 @@ def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     prep = _prepared(weight, device)
     y = torch.empty((rows, n_out), dtype=x.dtype, device=device)
     with _on(device):
-        ws = None if rows <= DECODE_MAX_ROWS else _split_workspace(rows, n_out, k, device)
+        prefill = rows > DECODE_MAX_ROWS
+        ws = _split_workspace(rows, n_out, k, device) if prefill else None
+        expanded = _expanded_scales(prep, weight, device) if prefill else ffi.NULL
         _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, prep.packed_ptr, prep.scales,
                                         n_out, k, weight.blocksize, prep.quant, _ptr(y), _ptr(ws),
-                                        0 if ws is None else ws.numel(), _stream(device)))
+                                        0 if ws is None else ws.numel(), expanded, _stream(device)))
     return y
 
 

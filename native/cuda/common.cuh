@@ -32,6 +32,8 @@ qckpt_status fail(qckpt_status status, const char *fmt, ...);
 qckpt_status check_launch(const char *what);
 /* Streaming multiprocessors of the current device (for persistent grids). */
 int sm_count();
+/* Whether the current device has compute capability 9.0 (Hopper: the sm_90a kernels run there). */
+bool is_sm90();
 
 inline bool aligned(const void *p, uintptr_t bytes) { return ((uintptr_t)p & (bytes - 1)) == 0; }
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

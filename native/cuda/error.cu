@@ -31,6 +31,14 @@ int sm_count() {
     return count > 0 ? count : 1;
 }
 
+bool is_sm90() {
+    int device = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
+    return major == 9 && minor == 0;
+}
+
 qckpt_status make_scales(const qckpt_cuda_scales *in, Scales *out) {
     if (!in) return fail(QCKPT_E_INVALID, "NULL scales");
     *out = Scales{in->absmax, in->codes, in->absmax2, in->code, in->offset, 0};

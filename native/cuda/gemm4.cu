@@ -1,8 +1,10 @@
 /* gemm4.cu -- launchers of the fused 4-bit matmuls: kernels/gemm4.cuh for 1..16 rows (picks the batch
- * tiles NT and rows per warp R so the grid covers every multiprocessor at least twice) and
- * kernels/gemm4_tiled.cuh for 17..QCKPT_CUDA_GEMM_MAX_ROWS rows. */
+ * tiles NT and rows per warp R so the grid covers every multiprocessor at least twice), and for
+ * 17..QCKPT_CUDA_GEMM_MAX_ROWS rows the Hopper kernel (kernels/gemm4_tma.cuh, via gemm4_tma.h) on compute
+ * capability 9.0, kernels/gemm4_tiled.cuh elsewhere or for shapes it does not take. */
 #include <algorithm>
 
+#include "gemm4_tma.h"
 #include "kernels/gemm4.cuh"
 #include "kernels/gemm4_tiled.cuh"
 
@@ -81,16 +83,21 @@ bool tiled_supported(int64_t batch, int64_t k) {
 
 }  // namespace
 
+/* The Hopper kernel's workspace is an upper bound over blocksizes (the query does not know it). */
 extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int64_t *bytes) {
     if (!bytes) return qk::fail(QCKPT_E_INVALID, "NULL output pointer");
-    *bytes = tiled_supported(batch, k) && n_out > 0 ? tiled_plan(batch, n_out, k).workspace_bytes : 0;
+    *bytes = 0;
+    if (!tiled_supported(batch, k) || n_out <= 0) return QCKPT_OK;
+    *bytes = tiled_plan(batch, n_out, k).workspace_bytes;
+    if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, 5))
+        *bytes = std::max(*bytes, qk::tma_gemm_workspace_bytes(batch, n_out, k));
     return QCKPT_OK;
 }
 
 extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
                                              const qckpt_cuda_scales *scales, int64_t n_out, int64_t k,
                                              int64_t blocksize, int32_t quant_type, void *y, void *workspace,
-                                             int64_t workspace_bytes, void *stream) {
+                                             int64_t workspace_bytes, const float *expanded_scales, void *stream) {
     if (!x || !packed || !y) return qk::fail(QCKPT_E_INVALID, "NULL data pointer");
     if (n_out <= 0 || k <= 0)
         return qk::fail(QCKPT_E_INVALID, "shapes must be positive: n_out %lld, k %lld", (long long)n_out, (long long)k);
@@ -115,6 +122,17 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64
     if (!tiled_supported(batch, k))
         return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes 1..16 rows with k %% 32 == 0 or 17..%d rows with "
                         "k %% 64 == 0, got %lld rows, k %lld", QCKPT_CUDA_GEMM_MAX_ROWS, (long long)batch, (long long)k);
+    if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs) && workspace &&
+        workspace_bytes >= qk::tma_gemm_workspace_bytes(batch, n_out, k)) {
+        if (expanded_scales && !qk::aligned(expanded_scales, 16))
+            return qk::fail(QCKPT_E_INVALID, "expanded scales must be 16-byte aligned");
+        const cudaError_t err = qk::tma_gemm_launch(x, dtype == QCKPT_BF16, (int)batch, packed, sc, expanded_scales,
+                                                    n_out, k, log2_bs, quant_type, y, workspace, workspace_bytes, s);
+        if (err != cudaSuccess)
+            return qk::fail(QCKPT_E_INVALID, "gemm_4bit (%lld rows, Hopper kernel): %s", (long long)batch,
+                            cudaGetErrorString(err));
+        return qk::check_launch("gemm_4bit");
+    }
     const TiledPlan plan = tiled_plan(batch, n_out, k);
     if (plan.workspace_bytes > 0 && (!workspace || workspace_bytes < plan.workspace_bytes))
         return qk::fail(QCKPT_E_INVALID, "fused 4-bit matmul of %lld rows needs a workspace of %lld bytes, got %lld",
@@ -124,4 +142,30 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64
         : launch_tiled<__half>(plan, x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, workspace, s);
     if (err != cudaSuccess) return qk::fail(QCKPT_E_INVALID, "gemm_4bit (%lld rows): %s", (long long)batch, cudaGetErrorString(err));
     return qk::check_launch("gemm_4bit");
+}
+
+extern "C" qckpt_status qckpt_cuda_gemm_4bit_scales_bytes(int64_t n_out, int64_t k, int64_t blocksize, int64_t *bytes) {
+    if (!bytes) return qk::fail(QCKPT_E_INVALID, "NULL output pointer");
+    const int log2_bs = qk::log2_exact(blocksize);
+    *bytes = 0;
+    if (n_out > 0 && log2_bs >= 5 && log2_bs <= 12 && qk::is_sm90() && qk::tma_gemm_supported(17, k, log2_bs))
+        *bytes = qk::tma_scales_bytes(n_out, k, log2_bs);
+    return QCKPT_OK;
+}
+
+extern "C" qckpt_status qckpt_cuda_gemm_4bit_expand_scales(const qckpt_cuda_scales *scales, int64_t n_out, int64_t k,
+                                                           int64_t blocksize, float *out, void *stream) {
+    int64_t bytes = 0;
+    qckpt_status st = qckpt_cuda_gemm_4bit_scales_bytes(n_out, k, blocksize, &bytes);
+    if (st != QCKPT_OK) return st;
+    if (bytes == 0)
+        return qk::fail(QCKPT_E_UNSUPPORTED, "no expanded scales for a %lld x %lld weight of blocksize %lld on this "
+                        "device", (long long)n_out, (long long)k, (long long)blocksize);
+    if (!out || !qk::aligned(out, 16)) return qk::fail(QCKPT_E_INVALID, "expanded scales must be 16-byte aligned");
+    qk::Scales sc;
+    st = qk::make_scales(scales, &sc);
+    if (st != QCKPT_OK) return st;
+    const cudaError_t err = qk::tma_expand_scales(sc, n_out, k, qk::log2_exact(blocksize), out, (cudaStream_t)stream);
+    if (err != cudaSuccess) return qk::fail(QCKPT_E_INVALID, "expand scales: %s", cudaGetErrorString(err));
+    return qk::check_launch("gemm_4bit_expand_scales");
 }

@@ -94,7 +94,10 @@ qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *sc
  * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes; its counters must be zero
  * before first use and every call leaves them zero, so one zero-filled workspace serves all later calls
  * issued on one stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs
- * outside that (callers fall back to dequantize + GEMM). */
+ * outside that (callers fall back to dequantize + GEMM). On compute capability 9.0 the prefill rows run a
+ * Hopper kernel that reads the block scales as one float32 per block: `expanded_scales` (from
+ * qckpt_cuda_gemm_4bit_expand_scales, kept with the weight) saves re-making them in the workspace on every
+ * call; NULL makes them there. */
 enum { QCKPT_CUDA_GEMM_MAX_ROWS = 128 };
 
 /* Workspace bytes qckpt_cuda_gemm_4bit needs for these shapes on the current device (0: none). */
@@ -103,7 +106,16 @@ qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_
 qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
                                   const qckpt_cuda_scales *scales, int64_t n_out, int64_t k, int64_t blocksize,
                                   int32_t quant_type, void *y, void *workspace, int64_t workspace_bytes,
-                                  void *stream);
+                                  const float *expanded_scales, void *stream);
+
+/* Bytes of a weight's expanded scales for qckpt_cuda_gemm_4bit on the current device: 0 when its prefill
+ * kernel there does not read them (not compute capability 9.0, or a shape it does not take). */
+qckpt_status qckpt_cuda_gemm_4bit_scales_bytes(int64_t n_out, int64_t k, int64_t blocksize, int64_t *bytes);
+
+/* Fill `out` (qckpt_cuda_gemm_4bit_scales_bytes bytes, 16-byte aligned) with the weight's expanded scales,
+ * on `stream`. */
+qckpt_status qckpt_cuda_gemm_4bit_expand_scales(const qckpt_cuda_scales *scales, int64_t n_out, int64_t k,
+                                                int64_t blocksize, float *out, void *stream);
 
 /* ---- 8-bit optimizers (converter/optim; CPU original: qckpt_adamw8bit_step in qckpt.h) ----
  * The same steps on the device, with the same arguments plus the stream: every non-NaN parameter value,

@@ -40,9 +40,14 @@ def selected_arches() -> tuple:
     return chosen or ARCHES
 
 
-def gencode_flags(arches=ARCHES) -> list[str]:
-    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in arches]
-    return flags + [f"-gencode=arch=compute_{arches[-1]},code=compute_{arches[-1]}"]
+def gencode_flags(arches=ARCHES, hopper_features: bool = False) -> list[str]:
+    """-gencode flags: SASS for each arch and PTX for the last. hopper_features (files named *_sm90a.cu, whose
+    wgmma/TMA instructions exist only on sm_90a) builds 90 as sm_90a; its PTX stays plain compute_90, where
+    those kernels are traps that the launchers never reach."""
+    def sass(a: str) -> str:
+        a = a + "a" if hopper_features and a == "90" else a
+        return f"-gencode=arch=compute_{a},code=sm_{a}"
+    return [sass(a) for a in arches] + [f"-gencode=arch=compute_{arches[-1]},code=compute_{arches[-1]}"]
 
 
 def find_nvcc() -> str | None:
@@ -76,7 +81,8 @@ def compile_objects(nvcc: str, out_dir: pathlib.Path = BUILD, arches=ARCHES) -> 
 
     def one(src: pathlib.Path) -> str:
         obj = out_dir / (src.stem + ".o")
-        cmd = [nvcc, *NVCC_FLAGS, *gencode_flags(arches), *includes, "-c", str(src), "-o", str(obj)]
+        hopper = src.stem.endswith("_sm90a")
+        cmd = [nvcc, *NVCC_FLAGS, *gencode_flags(arches, hopper), *includes, "-c", str(src), "-o", str(obj)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         return str(obj)
 

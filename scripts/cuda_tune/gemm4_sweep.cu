@@ -6,7 +6,8 @@
  *   nvcc -O3 -std=c++17 -fmad=false -gencode=arch=compute_90a,code=sm_90a -I native/include -I native/cuda \
  *        scripts/cuda_tune/gemm4_sweep.cu native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
  *
- * (sm_90a for the wgmma experiment, gemm4_wgmma.cuh; modes: --decode, --wgmma, --lut, --profile, --quick)
+ * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wgmma, --tma, --lut,
+ * --profile, --quick)
  *
  * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
  * copies so L2 (50 MB) cannot serve them. Times: median over 7 repetitions of 24 back-to-back launches
@@ -23,6 +24,7 @@
 #include "harness.cuh"
 #include "kernels/gemm4.cuh"
 #include "kernels/gemm4_tiled.cuh"
+#include "kernels/gemm4_tma.cuh"
 #include "gemm4_wgmma.cuh"
 
 using bf16 = __nv_bfloat16;
@@ -71,6 +73,7 @@ struct Problem {
     uint8_t *packed[kRotate];
     uint8_t *codes[kRotate];
     float *absmax2[kRotate];
+    float *expanded[kRotate]; /* expand_scales_kernel's output, for the TMA kernel */
     float *code;
     bf16 *x, *y;
     float *y_ref;
@@ -96,6 +99,11 @@ static Problem make_problem(int64_t n_out, int64_t k) {
     std::vector<float> code(256);
     for (int i = 0; i < 256; i++) code[i] = -1.0f + 2.0f * i / 255.0f;
     CK(cudaMemcpy(p.code, code.data(), 256 * 4, cudaMemcpyHostToDevice));
+    for (int c = 0; c < kRotate; c++) {
+        CK(cudaMalloc(&p.expanded[c], nb * 4));
+        expand_scales_kernel<<<dim3(ceil_div(n_out, kExpandTile), ceil_div(nb / n_out, kExpandTile)), dim3(kExpandTile, kExpandRows)>>>(
+            p.scales(c), n_out, k, 6, n_out, p.expanded[c]);
+    }
     CK(cudaMalloc(&p.x, kMaxBatch * k * 2));
     fill_bf16<<<1024, 256>>>(p.x, kMaxBatch * k, 7);
     CK(cudaMalloc(&p.y, kMaxBatch * n_out * 2));
@@ -115,6 +123,7 @@ static void free_problem(Problem &p) {
         cudaFree(p.packed[c]);
         cudaFree(p.codes[c]);
         cudaFree(p.absmax2[c]);
+        cudaFree(p.expanded[c]);
     }
     cudaFree(p.code);
     cudaFree(p.x);
@@ -193,9 +202,32 @@ static void sweep_tiled(Problem &p, int batch, int sms) {
     }
 }
 
-template <typename Shape, int MINB>
-static void sweep_wgmma(Problem &p, int batch, int sms, uint32_t lbo = kWgmmaLbo, uint32_t sbo = kWgmmaSbo) {
-    const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / kTiledBK;
+template <typename Shape, int LUT, int MINB>
+static void sweep_wgmma(Problem &p, int batch, int sms) {
+    const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / Shape::BK;
+    std::vector<int> splits_list = {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
+                                    tiled_splits(tiles, ktiles, sms, 3), tiled_splits(tiles, ktiles, sms, 4)};
+    std::sort(splits_list.begin(), splits_list.end());
+    splits_list.erase(std::unique(splits_list.begin(), splits_list.end()), splits_list.end());
+    for (int splits : splits_list) {
+        if (splits > 1 && ktiles / splits < 4) continue;
+        auto launch = [&](int c) {
+            CK((launch_gemm_4bit_wgmma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
+                                                          QCKPT_NF4, p.y, splits, p.workspace, 0)));
+        };
+        launch(0);
+        CK(cudaDeviceSynchronize());
+        const double err = rel_error(p, batch);
+        char cfg[64];
+        snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
+                 Shape::BK, LUT, MINB);
+        report("wgmma", cfg, p, batch, splits, time_us(launch, kRotate), err);
+    }
+}
+
+template <typename Shape, int LUT, int MINB>
+static void sweep_tma(Problem &p, int batch, int sms) {
+    const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / Shape::BK;
     std::vector<int> splits_list = {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
                                     tiled_splits(tiles, ktiles, sms, 3)};
     std::sort(splits_list.begin(), splits_list.end());
@@ -203,22 +235,24 @@ static void sweep_wgmma(Problem &p, int batch, int sms, uint32_t lbo = kWgmmaLbo
     for (int splits : splits_list) {
         if (splits > 1 && ktiles / splits < 4) continue;
         auto launch = [&](int c) {
-            CK((launch_gemm_4bit_wgmma<bf16, Shape, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
-                                                          QCKPT_NF4, p.y, splits, p.workspace, 0, lbo, sbo)));
+            CK((launch_gemm_4bit_tma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.expanded[c], p.n_out, p.scales(c), p.n_out, p.k, 6,
+                                                            QCKPT_NF4, p.y, splits, p.workspace, 0)));
         };
+        CK(cudaMemset(p.y, 0, size_t(batch) * p.n_out * 2));
         launch(0);
         CK(cudaDeviceSynchronize());
         const double err = rel_error(p, batch);
         char cfg[64];
-        snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d MINB%d%s", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES, MINB,
-                 lbo == kWgmmaLbo ? "" : " swapped");
-        report("wgmma", cfg, p, batch, splits, time_us(launch, kRotate), err);
+        snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
+                 Shape::BK, LUT, MINB);
+        report("tma", cfg, p, batch, splits, time_us(launch, kRotate), err);
     }
 }
 
 int main(int argc, char **argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
-    /* --profile: one launch each of the batch-1 decode and the batch-128 tiled and wgmma kernels, for a profiler */
+    /* --profile: one launch each of the batch-1 decode, the batch-128 tiled, wgmma and TMA kernels and the
+     * batch-1 TMA kernel, for a profiler */
     if (argc > 1 && !strcmp(argv[1], "--profile")) {
         Problem p = make_problem(14336, 4096);
         int sms;
@@ -227,8 +261,14 @@ int main(int argc, char **argv) {
             p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6, QCKPT_NF4, p.y);
         CK((launch_gemm_4bit_tiled<bf16, TiledShape<8, 1, 1, 8, 4>, 2, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out,
                                                                            p.k, 6, QCKPT_NF4, p.y, 1, p.workspace, 0)));
-        CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 1, 2, 4>, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out, p.k, 6,
-                                                                    QCKPT_NF4, p.y, 1, p.workspace, 0)));
+        CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 2, 1, 5>, kLutLane, 1>(p.x, 128, p.packed[1], p.scales(1),
+                                                                            p.n_out, p.k, 6, QCKPT_NF4, p.y, 1,
+                                                                            p.workspace, 0)));
+        CK((launch_gemm_4bit_tma<bf16, WgmmaShape<128, 2, 1, 6>, kLutLane, 1>(p.x, 128, p.packed[2], p.expanded[2], p.n_out, p.scales(2),
+                                                                          p.n_out, p.k, 6, QCKPT_NF4, p.y, 1,
+                                                                          p.workspace, 0)));
+        CK((launch_gemm_4bit_tma<bf16, WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p.x, 1, p.packed[3], p.expanded[3], p.n_out, p.scales(3), p.n_out,
+                                                                        p.k, 6, QCKPT_NF4, p.y, 2, p.workspace, 0)));
         CK(cudaDeviceSynchronize());
         free_problem(p);
         return 0;
@@ -243,15 +283,83 @@ int main(int argc, char **argv) {
     if (argc > 1 && !strcmp(argv[1], "--wgmma")) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);
-            for (int batch : {128, 64, 32}) {
-                sweep_wgmma<WgmmaShape<128, 1, 1, 4>, 2>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<128, 1, 2, 4>, 2>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<128, 2, 1, 4>, 1>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<128, 2, 2, 3>, 1>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<64, 1, 2, 4>, 2>(p, batch, sms);
-                sweep_wgmma<WgmmaShape<64, 2, 2, 4>, 1>(p, batch, sms);
-                if (batch == 128 || batch == 64) sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
-                if (batch == 32) sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2>(p, batch, sms);
+            for (int batch : {128, 64, 32, 16, 8, 1}) {
+                if (batch > 64) {
+                    sweep_wgmma<WgmmaShape<128, 2, 1, 5>, kLutLane, 1>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<128, 2, 1, 5>, kLutRegs, 1>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<128, 2, 1, 4, 128>, kLutLane, 1>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<128, 1, 1, 5>, kLutRegs, 2>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<128, 2, 2, 4>, kLutLane, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
+                } else if (batch > 32) {
+                    sweep_wgmma<WgmmaShape<64, 2, 1, 5>, kLutRegs, 2>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<64, 2, 1, 5>, kLutLane, 1>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<64, 2, 1, 5, 128>, kLutLane, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
+                } else if (batch > 16) {
+                    sweep_wgmma<WgmmaShape<32, 2, 1, 5>, kLutRegs, 2>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<32, 2, 1, 5>, kLutLane, 2>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<32, 2, 1, 5, 128>, kLutLane, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2>(p, batch, sms);
+                } else if (batch > 8) {
+                    sweep_wgmma<WgmmaShape<16, 2, 1, 5>, kLutLane, 2>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<16, 2, 1, 5>, kLutRegs, 3>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<16, 2, 1, 7>, kLutRegs, 3>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<16, 2, 1, 5, 128>, kLutLane, 2>(p, batch, sms);
+                    sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch); /* the library's decode launches */
+                    sweep_gemv<2, 1, 8, 1, 2, kLutLane>(p, batch);
+                } else {
+                    sweep_wgmma<WgmmaShape<8, 2, 1, 5>, kLutLane, 3>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<8, 2, 1, 5>, kLutRegs, 4>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<8, 2, 1, 7>, kLutRegs, 3>(p, batch, sms);
+                    sweep_wgmma<WgmmaShape<8, 2, 1, 5, 128>, kLutLane, 2>(p, batch, sms);
+                    sweep_gemv<1, 1, 8, 2, 2, kLutLane>(p, batch);
+                    sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
+                }
+            }
+            free_problem(p);
+        }
+        return 0;
+    }
+    /* --tma-quick: one prefill and one decode shape of the TMA kernel (for builds with parts switched off) */
+    if (argc > 1 && !strcmp(argv[1], "--tma-quick")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            sweep_tma<WgmmaShape<128, 2, 1, 6>, kLutLane, 1>(p, 128, sms);
+            sweep_tma<WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p, 1, sms);
+            free_problem(p);
+        }
+        return 0;
+    }
+    /* --tma: the TMA-fed wgmma kernel (gemm4_tma.cuh) beside the cp.async one and the library's kernels */
+    if (argc > 1 && !strcmp(argv[1], "--tma")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            for (int batch : {128, 64, 32, 16, 1}) {
+                if (batch > 64) {
+                    sweep_tma<WgmmaShape<128, 2, 1, 6>, kLutLane, 1>(p, batch, sms);
+                    sweep_tma<WgmmaShape<128, 2, 1, 6>, kLutRegs, 1>(p, batch, sms);
+                    sweep_tma<WgmmaShape<128, 2, 1, 8>, kLutLane, 1>(p, batch, sms);
+                    sweep_tma<WgmmaShape<128, 2, 1, 4>, kLutLane, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
+                } else if (batch > 32) {
+                    sweep_tma<WgmmaShape<64, 2, 1, 6>, kLutLane, 1>(p, batch, sms);
+                    sweep_tma<WgmmaShape<64, 2, 1, 8>, kLutRegs, 1>(p, batch, sms);
+                    sweep_tma<WgmmaShape<64, 2, 1, 5>, kLutRegs, 2>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 1, 8, 4>, 2, 2>(p, batch, sms);
+                } else if (batch > 16) {
+                    sweep_tma<WgmmaShape<32, 2, 1, 6>, kLutRegs, 2>(p, batch, sms);
+                    sweep_tma<WgmmaShape<32, 2, 1, 8>, kLutLane, 1>(p, batch, sms);
+                    sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2>(p, batch, sms);
+                } else if (batch > 8) {
+                    sweep_tma<WgmmaShape<16, 2, 1, 8>, kLutLane, 2>(p, batch, sms);
+                    sweep_tma<WgmmaShape<16, 2, 1, 8>, kLutRegs, 2>(p, batch, sms);
+                    sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch);
+                } else {
+                    sweep_tma<WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p, batch, sms);
+                    sweep_tma<WgmmaShape<8, 2, 1, 10>, kLutRegs, 2>(p, batch, sms);
+                    sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
+                }
             }
             free_problem(p);
         }

@@ -34,87 +34,13 @@
 #define QCKPT_CUDA_GEMM4_WGMMA_CUH
 
 #include "kernels/gemm4_tiled.cuh"
+#include "kernels/wgmma.cuh"
 
 namespace qk {
 
-/* wgmma assembles only for sm_90a; elsewhere (other targets, the PTX for newer GPUs) the kernel body is
- * a trap. */
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define QK_HAS_WGMMA 1
-#else
-#define QK_HAS_WGMMA 0
-#endif
-
-template <typename T, int N> struct Wgmma;
-#if QK_HAS_WGMMA
-template <> struct Wgmma<__nv_bfloat16, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-            : "memory");
-    }
-};
-template <> struct Wgmma<__half, 64> {
-    static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-            "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-            : "memory");
-    }
-};
-template <> struct Wgmma<__nv_bfloat16, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-            : "memory");
-    }
-};
-template <> struct Wgmma<__half, 128> {
-    static __device__ __forceinline__ void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-            "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-            "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1)
-            : "memory");
-    }
-};
-#endif
-
-__device__ __forceinline__ void wgmma_fence() {
-#if QK_HAS_WGMMA
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_commit() {
-#if QK_HAS_WGMMA
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_wait_all() {
-#if QK_HAS_WGMMA
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
 /* shared memory written through the generic proxy (cp.async here) becomes visible to wgmma's reads */
 __device__ __forceinline__ void fence_proxy_async_shared() {
-#if QK_HAS_WGMMA
+#if QK_HAS_WGMMA && !defined(QK_NO_PROXY_FENCE)
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
@@ -126,206 +52,250 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void *smem, uint32_t lbo, u
            (uint64_t((sbo & 0x3FFFF) >> 4) << 32);
 }
 
-template <int BN_, int WG_, int MT_, int STAGES_>
-struct WgmmaShape {
-    static constexpr int BN = BN_, WG = WG_, MT = MT_, STAGES = STAGES_;
-    static_assert(BN == 64 || BN == 128, "batch tile of 64 or 128 rows");
-    static_assert(STAGES >= 3, "scales are stored one k-tile after they are loaded, two ahead of use");
-    static constexpr int kThreads = WG * 128, BM = WG * MT * 64;
-    static constexpr int kXBytes = BN * kTiledBK * 2, kWBytes = BM * kTiledBK / 2, kScaleBytes = BM * 2 * 4;
-    static constexpr int kStageBytes = kXBytes + kWBytes + kScaleBytes;
-    static constexpr int kSmemBytes = STAGES * kStageBytes;
-    static constexpr int kScalesPerThread = BM * 2 / kThreads; /* = MT */
+
+/* The cp.async kernel's layout on top of WgmmaShape: x in the no-swizzle K-major layout (16-byte chunks per
+ * batch row, leading and stride byte offsets), and how far its scale loads run ahead. */
+template <typename Shape>
+struct CpAsync {
+    static constexpr int kXChunks = Shape::BK / 8;
+    static constexpr uint32_t kLbo = 128, kSbo = Shape::BK * 16;
+    static_assert(Shape::STAGES >= 4, "k-tile it + 2's scales are stored during k-tile it, after k-tile it + 1's loads");
+    /* k-tiles between a scale's load and its store, and the k loop's unroll (a multiple of it and of the
+     * two fragment sets) */
+    static constexpr int kScaleLag = Shape::STAGES - 3, kUnroll = kScaleLag % 2 ? 2 * kScaleLag : kScaleLag;
 };
 
-constexpr uint32_t kWgmmaLbo = 128, kWgmmaSbo = 1024; /* the x layout above */
-
-/* byte offset of k-chunk c (0..7) of batch row n inside a stage's x tile */
-__device__ __forceinline__ int wgmma_x_offset(int n, int c) { return (n >> 3) * 1024 + c * 128 + (n & 7) * 16; }
-
-template <typename Shape>
-__device__ __forceinline__ void wgmma_load_stage(unsigned char *stage, const void *__restrict__ x, int batch,
-                                                 int64_t k, int64_t m0, const uint8_t *__restrict__ packed,
-                                                 int64_t n_out, int64_t n_block, int64_t kt) {
-    const unsigned char *xb = static_cast<const unsigned char *>(x);
-    /* a warp's 32 chunks: rows 8i..8i+7 x chunks 4j..4j+3, 512 contiguous bytes of shared memory */
-    for (int idx = threadIdx.x; idx < Shape::BN * 8; idx += Shape::kThreads) {
-        const int n = ((idx >> 6) << 3) | (idx & 7), c = (idx >> 3) & 7;
-        const int64_t m = m0 + n;
-        const bool valid = m < batch;
-        cp_async16(stage + wgmma_x_offset(n, c), valid ? xb + (m * k + kt * kTiledBK + c * 8) * 2 : x, valid);
-    }
-    unsigned char *w = stage + Shape::kXBytes;
-    for (int idx = threadIdx.x; idx < Shape::BM * 2; idx += Shape::kThreads) {
-        const int r = idx >> 1, h = idx & 1;
-        const int64_t row = n_block + r;
-        const bool valid = row < n_out;
-        cp_async16(w + r * 32 + h * 16, valid ? packed + ((row * k + kt * kTiledBK) >> 1) + h * 16 : packed, valid);
-    }
+/* byte offset of k-chunk c (0..BK/8 - 1) of batch row n inside a stage's x tile: 8-row core matrices of 128
+ * contiguous bytes, k-chunks 128 bytes apart (the leading byte offset), 8-row groups BK * 16 apart (the stride
+ * byte offset) */
+template <typename Shape> __device__ __forceinline__ int wgmma_x_offset(int n, int c) {
+    return (n >> 3) * int(CpAsync<Shape>::kSbo) + c * 128 + (n & 7) * 16;
 }
 
-/* Block scales of a k-tile, one per weight row and half of the tile (k 0..31, 32..63: they differ only for
- * blocksize 32), kept in the stage as float32 [row][half]. Each thread owns kScalesPerThread of them: it
- * loads their raw inputs one k-tile, and combines and stores them the next (a load waited on in the same
+/* One thread's share of every stage's copies and block scales, fixed for the whole k loop. The chunks a
+ * thread copies sit a constant number of rows apart (the block's thread count is a multiple of a row's
+ * chunks), so a k-tile costs one pointer add per chunk: the index arithmetic, in 64 bits, had been most of
+ * the kernel's instructions. Rows past `batch` or `n_out` come last in each thread's list and are counted
+ * out; x rows past `batch` are zeroed once in every stage and never copied. */
+template <typename Shape>
+struct WgmmaCopies {
+    static constexpr int kThreads = Shape::kThreads, XC = CpAsync<Shape>::kXChunks, WC = Shape::kWChunks, G = Shape::kGroups;
+    static_assert(kThreads % (8 * XC) == 0 && kThreads % WC == 0 && kThreads % G == 0, "rows per thread step");
+    static_assert((Shape::BM * WC) % kThreads == 0 && (Shape::BM * G) % kThreads == 0, "whole weight rows per thread");
+    static constexpr int kXPer = (Shape::BN * XC + kThreads - 1) / kThreads, kWPer = Shape::BM * WC / kThreads;
+    static constexpr int kSPer = Shape::BM * G / kThreads;
+    static constexpr int kXRowStep = kThreads / XC, kWRowStep = kThreads / WC, kSRowStep = kThreads / G;
+
+    const unsigned char *x_src; /* this k-tile's first chunk; the others are x_stride bytes apart */
+    const uint8_t *w_src;
+    int64_t x_stride, w_stride, s_flat, s_stride; /* s_flat: element index of the first scale's row at k 0 */
+    uint32_t x_dst, w_dst;
+    int x_count, w_count, s_count;
+
+    __device__ __forceinline__ void init(const void *x, int batch, const uint8_t *packed, int64_t n_out, int64_t k,
+                                         int64_t m0, int64_t n_block, int64_t kt0) {
+        const int tid = threadIdx.x;
+        const int n = (tid / (8 * XC)) * 8 + (tid & 7), c = (tid >> 3) % XC;
+        x_src = static_cast<const unsigned char *>(x) + ((m0 + n) * k + kt0 * Shape::BK + c * 8) * 2;
+        x_stride = int64_t(kXRowStep) * k * 2;
+        x_dst = wgmma_x_offset<Shape>(n, c);
+        x_count = 0;
+#pragma unroll
+        for (int i = 0; i < kXPer; i++)
+            x_count += tid + i * kThreads < Shape::BN * XC && m0 + n + i * kXRowStep < batch;
+        const int r = tid / WC, h = tid % WC;
+        w_src = packed + (((n_block + r) * k + kt0 * Shape::BK) >> 1) + h * 16;
+        w_stride = int64_t(kWRowStep) * (k >> 1);
+        w_dst = Shape::kXBytes + r * (Shape::BK / 2) + h * 16;
+        w_count = 0;
+#pragma unroll
+        for (int i = 0; i < kWPer; i++) w_count += n_block + r + i * kWRowStep < n_out;
+        const int sr = tid / G, sg = tid % G;
+        s_flat = (n_block + sr) * k + kt0 * Shape::BK + 32 * sg;
+        s_stride = int64_t(kSRowStep) * k;
+        s_count = 0;
+#pragma unroll
+        for (int i = 0; i < kSPer; i++) s_count += n_block + sr + i * kSRowStep < n_out;
+    }
+
+    /* zero the x rows past `batch` in every stage (plain stores, before the first k-tile's barrier) */
+    __device__ __forceinline__ void zero_missing_rows(unsigned char *smem, int batch, int64_t m0) const {
+        for (int idx = threadIdx.x; idx < Shape::BN * XC; idx += kThreads) {
+            const int n = (idx / (8 * XC)) * 8 + (idx & 7), c = (idx >> 3) % XC;
+            if (m0 + n >= batch)
+                for (int s = 0; s < Shape::STAGES; s++)
+                    *reinterpret_cast<uint4 *>(smem + s * Shape::kStageBytes + wgmma_x_offset<Shape>(n, c)) =
+                        make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    /* k-tile `rel` (counted from kt0) into `stage` */
+    __device__ __forceinline__ void issue(unsigned char *stage, int rel) const {
+        const unsigned char *xs = x_src + int64_t(rel) * (Shape::BK * 2);
+#pragma unroll
+        for (int i = 0; i < kXPer; i++)
+            if (i < x_count) cp_async16(stage + x_dst + i * (kXRowStep / 8) * int(CpAsync<Shape>::kSbo), xs + i * x_stride, true);
+        const uint8_t *ws = w_src + int64_t(rel) * (Shape::BK / 2);
+#pragma unroll
+        for (int i = 0; i < kWPer; i++)
+            if (i < w_count) cp_async16(stage + w_dst + i * kWRowStep * (Shape::BK / 2), ws + i * w_stride, true);
+    }
+};
+
+/* Block scales of a k-tile, one per weight row and 32-wide group of the tile (they differ only for blocksize
+ * 32), kept in the stage as float32 [row][group]. Each thread owns WgmmaCopies::kSPer of them: it loads
+ * their raw inputs one k-tile and combines and stores them a few k-tiles later (a load waited on in the same
  * k-tile would stall every warp of the block for a global round trip). */
 template <typename Shape>
 struct WgmmaScaleLoads {
-    float raw[Shape::kScalesPerThread];
-    uint32_t code_index[Shape::kScalesPerThread];
+    static constexpr int kPer = WgmmaCopies<Shape>::kSPer;
+    float raw[kPer];
+    uint32_t code_index[kPer];
 
-    __device__ __forceinline__ void load(const Scales &scales, int64_t n_block, int64_t n_out, int64_t k, int64_t kt,
-                                         int log2_bs) {
+    __device__ __forceinline__ void load(const WgmmaCopies<Shape> &cp, const Scales &scales, int rel, int log2_bs) {
+        const int64_t flat = cp.s_flat + int64_t(rel) * Shape::BK;
 #pragma unroll
-        for (int i = 0; i < Shape::kScalesPerThread; i++) {
-            const int e = threadIdx.x + i * Shape::kThreads;
-            const int64_t row = n_block + (e >> 1);
+        for (int i = 0; i < kPer; i++) {
             raw[i] = 0.0f; /* past n_out: a zero scale, and the rows are never stored */
             code_index[i] = 0;
-            if (row < n_out)
-                load_raw_scale(scales, (row * k + kt * kTiledBK + 32 * (e & 1)) >> log2_bs, raw[i], code_index[i]);
+            if (i < cp.s_count) load_raw_scale(scales, (flat + i * cp.s_stride) >> log2_bs, raw[i], code_index[i]);
         }
     }
     __device__ __forceinline__ void store(unsigned char *stage, const Scales &scales, const float *code) const {
         float *out = reinterpret_cast<float *>(stage + Shape::kXBytes + Shape::kWBytes);
 #pragma unroll
-        for (int i = 0; i < Shape::kScalesPerThread; i++)
+        for (int i = 0; i < kPer; i++)
             out[threadIdx.x + i * Shape::kThreads] = raw_block_scale(scales, code, raw[i], code_index[i]);
     }
 };
 
-/* One pair of a byte, scaled: the shared pair table as PairDequant::word reads it. */
-template <typename T> __device__ __forceinline__ uint32_t scaled_pair(const Lut4 &t, uint32_t byte, const PairDequant<T> &d);
-template <> __device__ __forceinline__ uint32_t scaled_pair<__nv_bfloat16>(const Lut4 &t, uint32_t byte,
-                                                                           const PairDequant<__nv_bfloat16> &d) {
-    uint32_t p = t.pairs->b16[byte];
-    __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&p), d.s);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
-template <> __device__ __forceinline__ uint32_t scaled_pair<__half>(const Lut4 &t, uint32_t byte,
-                                                                    const PairDequant<__half> &d) {
-    const float2 v = t.pairs->f32[byte];
-    return pack2<__half>(__fmul_rn(v.x, d.s), __fmul_rn(v.y, d.s));
-}
-
 /* grid: (n tiles of BM, batch tiles of BN, splits); counters and partials as gemm_4bit_tiled_kernel.
- * Needs k % 64 == 0, 16-byte aligned x rows and packed weights. lbo / sbo: the descriptor's offsets
- * (kWgmmaLbo, kWgmmaSbo; parameters so that the tuning harness can check them). */
-template <typename T, typename Shape, int MINB>
+ * Needs k % BK == 0, 16-byte aligned x rows and packed weights. LUT: kLutRegs, kLutShared or kLutLane
+ * (bfloat16; float16 always uses the shared float32 pairs).
+ *
+ * The k loop overlaps a warpgroup's dequantize with its own tensor work: k-tile it's wgmmas are issued
+ * from A fragments dequantized during k-tile it - 1, then (wgmma.wait_group 1: k-tile it - 1's are done,
+ * so its fragments and its stage are free) the block syncs, refills the freed stage and dequantizes k-tile
+ * it + 1 into the other fragment set while k-tile it's wgmmas run. */
+template <typename T, typename Shape, int LUT, int MINB>
 __global__ void __launch_bounds__(Shape::kThreads, MINB)
     gemm_4bit_wgmma_kernel(const T *__restrict__ x, int batch, const uint8_t *__restrict__ packed, Scales scales,
                            int64_t n_out, int64_t k, int log2_bs, int quant_type, T *__restrict__ y,
-                           float *__restrict__ partials, int *__restrict__ counters, uint32_t lbo, uint32_t sbo) {
+                           float *__restrict__ partials, int *__restrict__ counters) {
 #if QK_HAS_WGMMA
     constexpr int BN = Shape::BN, MT = Shape::MT, STAGES = Shape::STAGES;
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ PairTable pairs;
+    __shared__ __align__(16) uint32_t lane_pairs[uses_lane_table(LUT) ? kLaneTableWords : 4];
     __shared__ float code[256];
     __shared__ int is_last;
-    const Lut4 tab = make_lut4<T>(pairs, nullptr, quant_type, kLutShared);
-    if (!scales.absmax)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     /* this lane's first weight row of sub-tile mt: lrow0 + 64 * mt (and + 8) */
     const int lrow0 = (warp >> 2) * MT * 64 + (warp & 3) * 16 + g;
     const int64_t n_block = int64_t(blockIdx.x) * Shape::BM, m0 = int64_t(blockIdx.y) * BN;
     const int splits = gridDim.z, split = blockIdx.z;
-    const int64_t ktiles = k / kTiledBK;
-    const int64_t kt0 = ktiles * split / splits, nk = ktiles * (split + 1) / splits - kt0;
+    const int64_t ktiles = k / Shape::BK;
+    const int64_t kt0 = ktiles * split / splits;
+    const int nk = int(ktiles * (split + 1) / splits - kt0);
+    const auto stage_of = [&](int it) { return smem + (it % STAGES) * Shape::kStageBytes; };
 
-    float acc[MT][BN / 2] = {};
+    WgmmaCopies<Shape> copies;
+    copies.init(x, batch, packed, n_out, k, m0, n_block, kt0);
+    copies.zero_missing_rows(smem, batch, m0);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
-        if (s < nk)
-            wgmma_load_stage<Shape>(smem + s * Shape::kStageBytes, x, batch, k, m0, packed, n_out, n_block, kt0 + s);
+        if (s < nk) copies.issue(stage_of(s), s);
         cp_async_commit();
     }
-    WgmmaScaleLoads<Shape> pending;
-    __syncthreads(); /* the code book, for the prologue's scales */
-#pragma unroll 1
-    for (int s = 0; s < STAGES - 1; s++)
-        if (s < nk) {
-            pending.load(scales, n_block, n_out, k, kt0 + s, log2_bs);
-            pending.store(smem + s * Shape::kStageBytes, scales, code);
-        }
-    const int shift = 8 * t;
-    for (int64_t it = 0; it < nk; it++) {
-        cp_async_wait<STAGES - 2>();
-        fence_proxy_async_shared();
-        __syncthreads(); /* tile `it` landed for all; every warpgroup finished tile it - 1, so its slot is free */
-        if (it + STAGES - 1 < nk)
-            wgmma_load_stage<Shape>(smem + ((it + STAGES - 1) % STAGES) * Shape::kStageBytes, x, batch, k, m0, packed,
-                                    n_out, n_block, kt0 + it + STAGES - 1);
-        cp_async_commit();
-        /* scales: tile it + STAGES - 2's (loaded last k-tile) into its slot, then load tile it + STAGES - 1's */
-        if (it >= 1 && it + STAGES - 2 < nk)
-            pending.store(smem + ((it + STAGES - 2) % STAGES) * Shape::kStageBytes, scales, code);
-        if (it + STAGES - 1 < nk) pending.load(scales, n_block, n_out, k, kt0 + it + STAGES - 1, log2_bs);
+    /* Block scales travel global -> registers -> shared memory. A register load lands ~1 us later under
+     * load, so its store waits kScaleLag k-tiles: k-tiles 0 and 1 are stored before the loop; during k-tile
+     * it, ring[it % kScaleLag] stores k-tile it + 2 (dequantized during k-tile it + 1) and loads k-tile
+     * it + STAGES - 1. */
+    constexpr int kScaleLag = CpAsync<Shape>::kScaleLag, kUnroll = CpAsync<Shape>::kUnroll;
+    WgmmaScaleLoads<Shape> head[2], ring[kScaleLag];
+#pragma unroll
+    for (int s = 0; s < 2; s++)
+        if (s < nk) head[s].load(copies, scales, s, log2_bs);
+#pragma unroll
+    for (int s = 0; s < kScaleLag; s++)
+        if (2 + s < nk) ring[s].load(copies, scales, 2 + s, log2_bs);
+    const Lut4 tab = gemm_tables<T, LUT>(pairs, lane_pairs, code, scales, quant_type);
+#pragma unroll
+    for (int s = 0; s < 2; s++)
+        if (s < nk) head[s].store(stage_of(s), scales, code);
 
-        const unsigned char *stage = smem + (it % STAGES) * Shape::kStageBytes;
-        const float *tile_scales = reinterpret_cast<const float *>(stage + Shape::kXBytes + Shape::kWBytes);
-        uint32_t a[MT][4][4];
+    float acc[MT][BN / 2] = {};
+    uint32_t a[2][MT][Shape::kSteps][4] = {};
+    cp_async_wait<STAGES - 2>();
+    fence_proxy_async_shared();
+    __syncthreads(); /* k-tile 0 and the prologue's scales */
+    if (nk > 0) wgmma_dequant<T, Shape, LUT>(a[0], stage_of(0), tab, lrow0, t);
+
+    for (int base = 0; base < nk; base += kUnroll) {
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++) {
-            const int lrow = lrow0 + 64 * mt;
-            const uint4 *wrow = reinterpret_cast<const uint4 *>(stage + Shape::kXBytes + lrow * 32);
-            const uint4 w0[2] = {wrow[0], wrow[1]}, w1[2] = {wrow[16], wrow[17]}; /* rows lrow and lrow + 8 */
-            const uint32_t *b0 = reinterpret_cast<const uint32_t *>(w0), *b1 = reinterpret_cast<const uint32_t *>(w1);
+        for (int d = 0; d < kUnroll; d++) { /* unrolled: fragment set d % 2, scale slot d % kScaleLag */
+            const int it = base + d;
+            const int cur = d & 1, sl = d % kScaleLag;
+            if (it >= nk) break;
+            const unsigned char *stage = stage_of(it);
+            wgmma_fence();
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const PairDequant<T> d0(tile_scales[2 * lrow + h]), d1(tile_scales[2 * (lrow + 8) + h]);
+            for (int j = 0; j < Shape::kSteps; j++) {
+                const uint64_t desc = wgmma_desc(stage + 256 * j, CpAsync<Shape>::kLbo, CpAsync<Shape>::kSbo);
 #pragma unroll
-                for (int j = 2 * h; j < 2 * h + 2; j++) {
-                    a[mt][j][0] = scaled_pair<T>(tab, (b0[2 * j] >> shift) & 0xFF, d0);
-                    a[mt][j][1] = scaled_pair<T>(tab, (b1[2 * j] >> shift) & 0xFF, d1);
-                    a[mt][j][2] = scaled_pair<T>(tab, (b0[2 * j + 1] >> shift) & 0xFF, d0);
-                    a[mt][j][3] = scaled_pair<T>(tab, (b1[2 * j + 1] >> shift) & 0xFF, d1);
-                }
+                for (int mt = 0; mt < MT; mt++) Wgmma<T, BN>::run(acc[mt], a[cur][mt][j], desc);
             }
+            wgmma_commit();
+            wgmma_wait<1>(); /* k-tile it - 1's wgmmas are done: a[1 - cur] and its stage are free */
+            keep_fragments(a[1 - cur]); /* ...and not before: its registers stay untouched until here */
+            cp_async_wait<STAGES - 3>();
+            fence_proxy_async_shared();
+            __syncthreads(); /* k-tile it + 1 landed for every thread; no warpgroup reads k-tile it - 1 any more */
+            if (it + STAGES - 1 < nk) copies.issue(stage_of(it + STAGES - 1), it + STAGES - 1);
+            cp_async_commit();
+            /* scales: k-tile it + STAGES - 2's (loaded one k-tile ago) into its stage, then k-tile it + STAGES - 1's */
+            if (it + 2 < nk) ring[sl].store(stage_of(it + 2), scales, code);
+            if (it + STAGES - 1 < nk) ring[sl].load(copies, scales, it + STAGES - 1, log2_bs);
+            if (it + 1 < nk) wgmma_dequant<T, Shape, LUT>(a[1 - cur], stage_of(it + 1), tab, lrow0, t);
         }
-        wgmma_fence();
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint64_t desc = wgmma_desc(stage + 256 * j, lbo, sbo);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) Wgmma<T, BN>::run(acc[mt], a[mt][j], desc);
-        }
-        wgmma_commit();
-        wgmma_wait_all();
     }
+    wgmma_wait<0>();
+    keep_fragments(a[0]);
+    keep_fragments(a[1]);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < BN / 2; i++) keep_reg(acc[mt][i]);
     cp_async_wait<0>();
 
-    /* accumulator i of sub-tile mt: output row lrow0 + 64 mt (+ 8 for i % 4 >= 2), batch row
-     * 8 * (i / 4) + 2t + i % 2 */
-    const auto for_each = [&](const auto &f) {
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int i = 0; i < BN / 2; i++) {
-                const int64_t n = n_block + lrow0 + 64 * mt + ((i & 2) ? 8 : 0);
-                const int64_t m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
-                if (n < n_out && m < batch) f(n, m, acc[mt][i]);
-            }
+    /* accumulator i of sub-tile mt (flattened: mt * BN / 2 + i): output row lrow0 + 64 mt (+ 8 for i % 4 >= 2),
+     * batch row 8 * (i / 4) + 2t + i % 2 */
+    const auto at = [&](int e, int64_t &n, int64_t &m) {
+        const int mt = e / (BN / 2), i = e % (BN / 2);
+        n = n_block + lrow0 + 64 * mt + ((i & 2) ? 8 : 0);
+        m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        return n < n_out && m < batch;
     };
-    finish_split_k<T>(for_each, y, partials, counters, is_last, batch, n_out);
+    finish_split_k<T>(reinterpret_cast<const float(&)[MT * BN / 2]>(acc), at, y, partials, counters, is_last, batch,
+                      n_out);
 #else
     __trap(); /* not built for sm_90a (run_sweep.sh builds sm_90a on an H100) */
 #endif
 }
 
 /* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
-template <typename T, typename Shape, int MINB>
+template <typename T, typename Shape, int LUT, int MINB>
 cudaError_t launch_gemm_4bit_wgmma(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
-                                   int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace, cudaStream_t s,
-                                   uint32_t lbo = kWgmmaLbo, uint32_t sbo = kWgmmaSbo) {
-    auto kernel = gemm_4bit_wgmma_kernel<T, Shape, MINB>;
+                                   int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace, cudaStream_t s) {
+    auto kernel = gemm_4bit_wgmma_kernel<T, Shape, LUT, MINB>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
     if (err != cudaSuccess) return err;
     const int64_t n_tiles = ceil_div(n_out, Shape::BM), m_tiles = ceil_div(batch, Shape::BN);
     int *counters = splits > 1 ? static_cast<int *>(workspace) : nullptr;
     float *partials = splits > 1 ? reinterpret_cast<float *>(counters + kTiledMaxCounters) : nullptr;
     kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), Shape::kThreads, Shape::kSmemBytes, s>>>(
-        x, batch, packed, sc, n_out, k, log2_bs, qt, y, partials, counters, lbo, sbo);
+        x, batch, packed, sc, n_out, k, log2_bs, qt, y, partials, counters);
     return cudaGetLastError();
 }
 

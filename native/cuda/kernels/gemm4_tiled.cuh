@@ -134,19 +134,27 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
 
 /* The end of a block that may split k. One split: y directly. Several: this split's float32 partial sums go
  * to the workspace; the last split of the tile to arrive (a counter per tile) adds them in split order --
- * deterministic -- writes y and resets the counter, so the counters stay zero between calls.
- * for_each(f) calls f(n, m, value) for each of the thread's outputs inside (n_out, batch); is_last is a
- * __shared__ flag. */
-template <typename T, typename ForEach>
-__device__ __forceinline__ void finish_split_k(const ForEach &for_each, T *__restrict__ y, float *__restrict__ partials,
-                                               int *__restrict__ counters, int &is_last, int batch, int64_t n_out) {
+ * deterministic -- writes y and resets the counter, so the counters stay zero between calls. acc: the
+ * thread's accumulators, flattened; at(i, n, m) sets output row n and batch row m of acc[i] and says whether
+ * it lies inside (n_out, batch). is_last is a __shared__ flag. The last block loads every split's partials
+ * for all of its outputs before adding the next split's, so that the loads overlap instead of each waiting
+ * for the one before. */
+template <typename T, int COUNT, typename At>
+__device__ __forceinline__ void finish_split_k(const float (&acc)[COUNT], const At &at, T *__restrict__ y,
+                                               float *__restrict__ partials, int *__restrict__ counters, int &is_last,
+                                               int batch, int64_t n_out) {
     const int splits = gridDim.z, split = blockIdx.z;
+    int64_t n, m;
     if (splits == 1) {
-        for_each([&](int64_t n, int64_t m, float v) { y[m * n_out + n] = from_f32<T>(v); });
+#pragma unroll
+        for (int i = 0; i < COUNT; i++)
+            if (at(i, n, m)) y[m * n_out + n] = from_f32<T>(acc[i]);
         return;
     }
     float *own = partials + int64_t(split) * batch * n_out;
-    for_each([&](int64_t n, int64_t m, float v) { __stcg(own + m * n_out + n, v); });
+#pragma unroll
+    for (int i = 0; i < COUNT; i++)
+        if (at(i, n, m)) __stcg(own + m * n_out + n, acc[i]);
     __threadfence();
     __syncthreads();
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
@@ -154,12 +162,18 @@ __device__ __forceinline__ void finish_split_k(const ForEach &for_each, T *__res
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    for_each([&](int64_t n, int64_t m, float v) {
-        float sum = 0.0f;
-        for (int s = 0; s < splits; s++)
-            sum = __fadd_rn(sum, s == split ? v : __ldcg(partials + (int64_t(s) * batch + m) * n_out + n));
-        y[m * n_out + n] = from_f32<T>(sum);
-    });
+    float sum[COUNT];
+#pragma unroll
+    for (int i = 0; i < COUNT; i++) sum[i] = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float *part = partials + int64_t(s) * batch * n_out;
+#pragma unroll
+        for (int i = 0; i < COUNT; i++)
+            if (at(i, n, m)) sum[i] = __fadd_rn(sum[i], s == split ? acc[i] : __ldcg(part + m * n_out + n));
+    }
+#pragma unroll
+    for (int i = 0; i < COUNT; i++)
+        if (at(i, n, m)) y[m * n_out + n] = from_f32<T>(sum[i]);
     if (threadIdx.x == 0) counters[tile] = 0;
 }
 
@@ -224,20 +238,15 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     }
     cp_async_wait<0>();
 
-    /* element (i, mt, q) of this lane: output row n, batch row m */
-    const auto for_each = [&](const auto &f) {
-#pragma unroll
-        for (int i = 0; i < NT16; i++)
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    const int64_t n = row0 + i * 16 + g + (q >= 2 ? 8 : 0);
-                    const int64_t m = m0 + (wm * MT + mt) * 8 + 2 * t + (q & 1);
-                    if (n < n_out && m < batch) f(n, m, acc[i][mt][q]);
-                }
+    /* element (i, mt, q) of this lane, flattened: output row n, batch row m */
+    const auto at = [&](int e, int64_t &n, int64_t &m) {
+        const int i = e / (MT * 4), mt = (e / 4) % MT, q = e % 4;
+        n = row0 + i * 16 + g + (q >= 2 ? 8 : 0);
+        m = m0 + (wm * MT + mt) * 8 + 2 * t + (q & 1);
+        return n < n_out && m < batch;
     };
-    finish_split_k<T>(for_each, y, partials, counters, is_last, batch, n_out);
+    finish_split_k<T>(reinterpret_cast<const float(&)[NT16 * MT * 4]>(acc), at, y, partials, counters, is_last, batch,
+                      n_out);
 }
 
 /* The workspace starts with kTiledMaxCounters tile counters (a fixed region, so that calls of any shape

@@ -1,0 +1,97 @@
+/* gemm4_tma_sm90a.cu -- launcher of the Hopper prefill matmul (kernels/gemm4_tma.cuh). native/ffi/build_cuda.py
+ * builds files named *_sm90a.cu for sm_90a in place of sm_90; for other targets the kernels are traps that
+ * gemm4.cu never launches. Shapes as scripts/cuda_tune/gemm4_sweep.cu --tma measured fastest on an H100
+ * (scripts/BENCHMARKS.md): a tile of 128 output rows by 32, 64 or 128 batch rows, k split so that the grid
+ * covers the multiprocessors (at most 4 ways: each split's partial sums are read back by the tile's last
+ * block). */
+#include <algorithm>
+
+#include "gemm4_tma.h"
+#include "kernels/gemm4_tma.cuh"
+
+namespace qk {
+namespace {
+
+using TmaSmall = WgmmaShape<32, 2, 1, 8>;
+using TmaMedium = WgmmaShape<64, 2, 1, 6>;
+using TmaLarge = WgmmaShape<128, 2, 1, 6>;
+constexpr int kTmaMaxSplits = 4;
+
+/* the expand kernel's grid has one row per 32 blocks of k */
+bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kExpandTile) > 65535; }
+
+int tile_rows(int64_t batch) { return batch <= 32 ? TmaSmall::BN : batch <= 64 ? TmaMedium::BN : TmaLarge::BN; }
+
+int tma_splits(int64_t batch, int64_t n_out, int64_t k) {
+    const int64_t tiles = ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch));
+    return std::min(tiled_splits(tiles, k / 64, sm_count(), 1), kTmaMaxSplits);
+}
+
+/* the expanded scales' row stride: n_out rounded up to 4 floats (TMA wants 16-byte aligned rows) */
+int64_t scale_ld(int64_t n_out) { return (n_out + 3) / 4 * 4; }
+
+/* Where the expanded scales start in the workspace: after the tile counters (which must stay zero for the
+ * next call, split or not) and this call's partial sums. */
+int64_t scales_offset(int splits, int64_t batch, int64_t n_out) {
+    return kTiledMaxCounters * 4 + (splits > 1 ? int64_t(splits) * batch * n_out * 4 : 0);
+}
+
+template <typename T, typename Shape>
+cudaError_t launch(const void *x, int batch, const uint8_t *packed, const Scales &sc, const float *expanded,
+                   int64_t n_out, int64_t k, int log2_bs, int qt, void *y, void *workspace, int splits, cudaStream_t s) {
+    return launch_gemm_4bit_tma<T, Shape, kLutLane, 1>(static_cast<const T *>(x), batch, packed, expanded,
+                                                      scale_ld(n_out), sc, n_out, k, log2_bs, qt, static_cast<T *>(y),
+                                                      splits, splits > 1 ? workspace : nullptr, s);
+}
+
+template <typename T>
+cudaError_t launch_rows(const void *x, int batch, const uint8_t *packed, const Scales &sc, const float *expanded,
+                        int64_t n_out, int64_t k, int log2_bs, int qt, void *y, void *workspace, int splits,
+                        cudaStream_t s) {
+    if (batch <= TmaSmall::BN)
+        return launch<T, TmaSmall>(x, batch, packed, sc, expanded, n_out, k, log2_bs, qt, y, workspace, splits, s);
+    if (batch <= TmaMedium::BN)
+        return launch<T, TmaMedium>(x, batch, packed, sc, expanded, n_out, k, log2_bs, qt, y, workspace, splits, s);
+    return launch<T, TmaLarge>(x, batch, packed, sc, expanded, n_out, k, log2_bs, qt, y, workspace, splits, s);
+}
+
+}  // namespace
+
+bool tma_gemm_supported(int64_t batch, int64_t k, int log2_bs) {
+    return batch > 16 && batch <= TmaLarge::BN && k % 64 == 0 && (k & ((int64_t(1) << log2_bs) - 1)) == 0 &&
+           k < (int64_t(1) << 31) && !grid_too_tall(k >> log2_bs);
+}
+
+int64_t tma_gemm_workspace_bytes(int64_t batch, int64_t n_out, int64_t k) {
+    /* blocksize 32 has the most blocks */
+    return scales_offset(tma_splits(batch, n_out, k), batch, n_out) + (k / 32) * scale_ld(n_out) * 4;
+}
+
+int64_t tma_scales_bytes(int64_t n_out, int64_t k, int log2_bs) { return (k >> log2_bs) * scale_ld(n_out) * 4; }
+
+cudaError_t tma_expand_scales(const Scales &scales, int64_t n_out, int64_t k, int log2_bs, float *out, cudaStream_t s) {
+    if (grid_too_tall(k >> log2_bs)) return cudaErrorInvalidValue;
+    const dim3 grid((unsigned)ceil_div(n_out, kExpandTile), (unsigned)ceil_div(k >> log2_bs, kExpandTile));
+    expand_scales_kernel<<<grid, dim3(kExpandTile, kExpandRows), 0, s>>>(scales, n_out, k, log2_bs, scale_ld(n_out), out);
+    return cudaGetLastError();
+}
+
+cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *packed, const Scales &scales,
+                            const float *expanded, int64_t n_out, int64_t k, int log2_bs, int quant_type, void *y,
+                            void *workspace, int64_t workspace_bytes, cudaStream_t s) {
+    if (!workspace || workspace_bytes < tma_gemm_workspace_bytes(batch, n_out, k) || grid_too_tall(k >> log2_bs))
+        return cudaErrorInvalidValue;
+    const int splits = tma_splits(batch, n_out, k);
+    if (!expanded) { /* made here, after the counters and this call's partial sums */
+        float *made = reinterpret_cast<float *>(static_cast<unsigned char *>(workspace) + scales_offset(splits, batch, n_out));
+        const cudaError_t err = tma_expand_scales(scales, n_out, k, log2_bs, made, s);
+        if (err != cudaSuccess) return err;
+        expanded = made;
+    }
+    return bf16 ? launch_rows<__nv_bfloat16>(x, batch, packed, scales, expanded, n_out, k, log2_bs, quant_type, y,
+                                             workspace, splits, s)
+                : launch_rows<__half>(x, batch, packed, scales, expanded, n_out, k, log2_bs, quant_type, y, workspace,
+                                      splits, s);
+}
+
+}  // namespace qk
