@@ -1,35 +1,23 @@
-/* gemm4_wgmma.cuh -- EXPERIMENT, not part of the library: a fused 4-bit dequantize + matmul for prefill-sized
- * batches on Hopper's warpgroup tensor-core instruction (wgmma, sm_90a), timed by gemm4_sweep.cu --wgmma.
- * It is correct (the harness checks every launch against a float32 reference) but on an H100 it was no
- * faster than the library's mma.sync kernel (gemm4_tiled.cuh): 120-160 us against 115 us at 128 rows of
- * 14336x4096 (scripts/BENCHMARKS.md has the table and the profile). It stays here, outside native/, as the
- * starting point for the next attempt.
+/* gemm4_wgmma.cuh -- EXPERIMENT, not part of the library: the first Hopper prefill kernel, wgmma fed by cp.async
+ * copies that every thread issues, timed by gemm4_sweep.cu --wgmma (sm_90a). The library's kernel,
+ * native/cuda/kernels/gemm4_tma.cuh, grew out of it: it shares the wgmma pieces (kernels/wgmma.cuh) and
+ * replaced the copies and the block-wide barrier with TMA and mbarriers. Kept as the measured baseline of
+ * that step (scripts/BENCHMARKS.md, "Run of 2026-11-27 ~08:50 UTC").
  *
  *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out)
  *
- * Why wgmma: with mma.sync every warp re-reads its x fragments through registers; wgmma reads x (operand B)
- * straight from shared memory for a whole warpgroup (4 warps, 64 outputs) and takes the weights (operand A)
- * from registers, where they are dequantized.
+ * Tiles: WG warpgroups of MT x 64 outputs by BN batch rows over k-tiles of BK. Each k-tile's x, packed
+ * weights and block scales go into a STAGES-deep shared-memory ring: x and weights by cp.async (each thread's
+ * chunks sit a constant number of rows apart, so a k-tile costs one pointer add per chunk -- the 64-bit index
+ * arithmetic had been most of the instructions), the scales by register loads stored kScaleLag k-tiles later.
+ * x uses wgmma's no-swizzle K-major layout: core matrices of 8 rows x 16 bytes (128 contiguous bytes), k-chunks
+ * 128 bytes apart (leading byte offset), 8-row groups BK * 16 apart (stride byte offset).
  *
- * Tiles: a block is WG warpgroups of MT x 64 outputs each by BN batch rows, over k-tiles of 64. Each
- * k-tile's x (BN x 64 bfloat16), packed weights (BM rows x 32 bytes) and block scales stream into shared
- * memory through a STAGES-deep ring (cp.async; the scales by plain loads, stored one k-tile later). x is
- * laid out as wgmma's no-swizzle K-major "core matrices" (8 rows x 16 bytes, 128 contiguous bytes): byte
- * (n >> 3) * 1024 + c * 128 + (n & 7) * 16 holds k-chunk c (8 values) of row n, so a k16 step's descriptor
- * starts at 256 * step with 128 bytes between its two k-chunks (leading byte offset) and 1024 between
- * 8-row groups (stride byte offset) -- measured right; swapping the two gave garbage.
- *
- * A fragments follow the mma.m16n8k16 layout: lane (g, t) of warp w holds rows 16w + g and + 8 at k pairs
- * (2t, 2t + 1) and (2t + 8, 2t + 9) of a k16 step -- in packed bytes, byte t of the step's two 4-byte
- * words. Each lane reads its rows' 32 bytes of the k-tile from shared memory (a quad shares them) and looks
- * up the pairs in the shared pair table; scaling is PairDequant's, the same values as the other kernels.
- *
- * Per k-tile a warpgroup dequantizes, issues its wgmmas and waits for them. What the profile said about
- * that (Nsight Compute, 128 rows): one warpgroup per SM on a short grid, 0.22 issued warps per scheduler
- * and L2 throughput 46-69% from re-reading x once per 64-128 outputs -- latency- and L2-bound, not tensor
- * bound. Next: a persistent grid with two consumer warpgroups overlapping dequantize and wgmma
- * (wait_group 1), x shared by a cluster through TMA multicast. Split k and the deterministic finish are
- * gemm4_tiled.cuh's. */
+ * The k loop overlaps a warpgroup's dequantize with its tensor work (wait_group 1, two fragment sets), but the
+ * block still meets at a barrier every k-tile. Profiled at 128 rows (Nsight Compute): issue slots 22% busy,
+ * the warps mostly waiting on registers of their own cp.async copies (an LDGSTS holds its address registers
+ * until the load/store unit takes it) and on that barrier: 91 us at 128 rows of 14336x4096, against 115 for
+ * the mma.sync kernel and 42 for the TMA kernel. Split k and the deterministic finish are gemm4_tiled.cuh's. */
 #ifndef QCKPT_CUDA_GEMM4_WGMMA_CUH
 #define QCKPT_CUDA_GEMM4_WGMMA_CUH
 
@@ -191,13 +179,9 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
     __shared__ int is_last;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    /* this lane's first weight row of sub-tile mt: lrow0 + 64 * mt (and + 8) */
-    const int lrow0 = (warp >> 2) * MT * 64 + (warp & 3) * 16 + g;
-    const int64_t n_block = int64_t(blockIdx.x) * Shape::BM, m0 = int64_t(blockIdx.y) * BN;
-    const int splits = gridDim.z, split = blockIdx.z;
-    const int64_t ktiles = k / Shape::BK;
-    const int64_t kt0 = ktiles * split / splits;
-    const int nk = int(ktiles * (split + 1) / splits - kt0);
+    const WgmmaBlock<Shape> blk(k, warp, g);
+    const int lrow0 = blk.lrow0, nk = blk.nk;
+    const int64_t n_block = blk.n_block, m0 = blk.m0, kt0 = blk.kt0;
     const auto stage_of = [&](int it) { return smem + (it % STAGES) * Shape::kStageBytes; };
 
     WgmmaCopies<Shape> copies;
@@ -260,13 +244,7 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
             if (it + 1 < nk) wgmma_dequant<T, Shape, LUT>(a[1 - cur], stage_of(it + 1), tab, lrow0, t);
         }
     }
-    wgmma_wait<0>();
-    keep_fragments(a[0]);
-    keep_fragments(a[1]);
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int i = 0; i < BN / 2; i++) keep_reg(acc[mt][i]);
+    wgmma_retire(a, acc);
     cp_async_wait<0>();
 
     /* accumulator i of sub-tile mt (flattened: mt * BN / 2 + i): output row lrow0 + 64 mt (+ 8 for i % 4 >= 2),

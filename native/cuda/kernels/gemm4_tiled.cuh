@@ -136,9 +136,9 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
  * to the workspace; the last split of the tile to arrive (a counter per tile) adds them in split order --
  * deterministic -- writes y and resets the counter, so the counters stay zero between calls. acc: the
  * thread's accumulators, flattened; at(i, n, m) sets output row n and batch row m of acc[i] and says whether
- * it lies inside (n_out, batch). is_last is a __shared__ flag. The last block loads every split's partials
- * for all of its outputs before adding the next split's, so that the loads overlap instead of each waiting
- * for the one before. */
+ * it lies inside (n_out, batch). is_last is a __shared__ flag. The last block loads a split's partials for 16
+ * outputs at a time before adding the next split's, so that the loads overlap instead of each waiting for
+ * the one before. */
 template <typename T, int COUNT, typename At>
 __device__ __forceinline__ void finish_split_k(const float (&acc)[COUNT], const At &at, T *__restrict__ y,
                                                float *__restrict__ partials, int *__restrict__ counters, int &is_last,
@@ -162,18 +162,25 @@ __device__ __forceinline__ void finish_split_k(const float (&acc)[COUNT], const 
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    float sum[COUNT];
+    /* kChunk outputs at a time: their loads of one split overlap, and the sums stay in few registers */
+    constexpr int kChunk = COUNT < 16 ? COUNT : 16;
+    static_assert(COUNT % kChunk == 0, "whole chunks");
 #pragma unroll
-    for (int i = 0; i < COUNT; i++) sum[i] = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        const float *part = partials + int64_t(s) * batch * n_out;
+    for (int c0 = 0; c0 < COUNT; c0 += kChunk) {
+        float sum[kChunk];
 #pragma unroll
-        for (int i = 0; i < COUNT; i++)
-            if (at(i, n, m)) sum[i] = __fadd_rn(sum[i], s == split ? acc[i] : __ldcg(part + m * n_out + n));
+        for (int i = 0; i < kChunk; i++) sum[i] = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float *part = partials + int64_t(s) * batch * n_out;
+#pragma unroll
+            for (int i = 0; i < kChunk; i++)
+                if (at(c0 + i, n, m))
+                    sum[i] = __fadd_rn(sum[i], s == split ? acc[c0 + i] : __ldcg(part + m * n_out + n));
+        }
+#pragma unroll
+        for (int i = 0; i < kChunk; i++)
+            if (at(c0 + i, n, m)) y[m * n_out + n] = from_f32<T>(sum[i]);
     }
-#pragma unroll
-    for (int i = 0; i < COUNT; i++)
-        if (at(i, n, m)) y[m * n_out + n] = from_f32<T>(sum[i]);
     if (threadIdx.x == 0) counters[tile] = 0;
 }
 

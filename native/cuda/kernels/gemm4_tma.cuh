@@ -109,7 +109,8 @@ __global__ void expand_scales_kernel(Scales scales, int64_t n_out, int64_t k, in
 
 /* grid: (n tiles of BM, batch tiles of BN, splits); counters and partials as gemm_4bit_tiled_kernel; block:
  * WG * 128 consumer threads + one producer warp. x_map: bfloat16/float16 [batch][k], box 64 x BN, 128-byte
- * swizzle; w_map: bytes [n_out][k / 2], box BK / 2 x BM. Needs k % BK == 0. */
+ * swizzle; w_map: bytes [n_out][k / 2], box BK / 2 x BM; s_map: expand_scales_kernel's output. Needs
+ * k % 64 == 0 and k % blocksize == 0. */
 template <typename T, typename Shape, int LUT, int MINB>
 __global__ void __launch_bounds__(Shape::kThreads + 32, MINB)
     gemm_4bit_tma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
@@ -134,13 +135,9 @@ __global__ void __launch_bounds__(Shape::kThreads + 32, MINB)
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool producer = warp == kConsumerWarps;
-    /* this lane's first weight row of sub-tile mt: lrow0 + 64 * mt (and + 8) */
-    const int lrow0 = (warp >> 2) * MT * 64 + (warp & 3) * 16 + g;
-    const int64_t n_block = int64_t(blockIdx.x) * Shape::BM, m0 = int64_t(blockIdx.y) * BN;
-    const int splits = gridDim.z, split = blockIdx.z;
-    const int64_t ktiles = k / Shape::BK;
-    const int64_t kt0 = ktiles * split / splits;
-    const int nk = int(ktiles * (split + 1) / splits - kt0);
+    const WgmmaBlock<Shape> blk(k, warp, g);
+    const int lrow0 = blk.lrow0, nk = blk.nk;
+    const int64_t n_block = blk.n_block, m0 = blk.m0, kt0 = blk.kt0;
     const auto stage_of = [&](int it) { return smem + (it % STAGES) * Shape::kStageBytes; };
 
     if (threadIdx.x == 0) {
@@ -208,13 +205,7 @@ __global__ void __launch_bounds__(Shape::kThreads + 32, MINB)
                 }
             }
         }
-        wgmma_wait<0>();
-        keep_fragments(a[0]);
-        keep_fragments(a[1]);
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int i = 0; i < BN / 2; i++) keep_reg(acc[mt][i]);
+        wgmma_retire(a, acc);
     }
 
     /* accumulator i of sub-tile mt (flattened: mt * BN / 2 + i): output row lrow0 + 64 mt (+ 8 for i % 4 >= 2),

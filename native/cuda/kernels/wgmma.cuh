@@ -179,6 +179,22 @@ struct WgmmaShape {
     static constexpr int kSmemBytes = STAGES * kStageBytes;
 };
 
+/* A block's place in a (n tiles of BM, batch tiles of BN, splits of k) grid: its first output row and batch
+ * row, its k-tiles [kt0, kt0 + nk), and this lane's first weight row of sub-tile mt, lrow0 + 64 mt (and + 8). */
+template <typename Shape>
+struct WgmmaBlock {
+    int64_t n_block, m0, kt0;
+    int nk, lrow0;
+    __device__ __forceinline__ WgmmaBlock(int64_t k, int warp, int g) {
+        n_block = int64_t(blockIdx.x) * Shape::BM;
+        m0 = int64_t(blockIdx.y) * Shape::BN;
+        const int64_t ktiles = k / Shape::BK;
+        kt0 = ktiles * blockIdx.z / gridDim.z;
+        nk = int(ktiles * (blockIdx.z + 1) / gridDim.z - kt0);
+        lrow0 = (warp >> 2) * Shape::MT * 64 + (warp & 3) * 16 + g;
+    }
+};
+
 /* This lane's A fragments of one k-tile: for sub-tile mt, rows lrow = lrow0 + 64 mt and lrow + 8, k16 step
  * j, in the mma.m16n8k16 order (a[mt][j][0..3] = row lrow at k pairs (2t, 2t + 1), row lrow + 8 there,
  * row lrow at (2t + 8, 2t + 9), row lrow + 8 there). In packed bytes that is byte t of each of the row's
@@ -221,6 +237,19 @@ template <int MT, int KS> __device__ __forceinline__ void keep_fragments(uint32_
         for (int j = 0; j < KS; j++)
 #pragma unroll
             for (int q = 0; q < 4; q++) keep_reg(a[mt][j][q]);
+}
+
+/* Wait for all of this warpgroup's wgmmas; until then the fragment sets they read and the accumulators they
+ * write stay untouched (keep_reg). */
+template <int MT, int KS, int ACC>
+__device__ __forceinline__ void wgmma_retire(uint32_t (&a)[2][MT][KS][4], float (&acc)[MT][ACC]) {
+    wgmma_wait<0>();
+    keep_fragments(a[0]);
+    keep_fragments(a[1]);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < ACC; i++) keep_reg(acc[mt][i]);
 }
 
 }  // namespace qk
