@@ -1,9 +1,8 @@
 /* gemm4_tma_sm90a.cu -- launcher of the Hopper prefill matmul (kernels/gemm4_tma.cuh). native/ffi/build_cuda.py
  * builds files named *_sm90a.cu for sm_90a in place of sm_90; for other targets the kernels are traps that
  * gemm4.cu never launches. Shapes as scripts/cuda_tune/gemm4_sweep.cu --tma measured fastest on an H100
- * (scripts/BENCHMARKS.md): a tile of 128 output rows by 32, 64 or 128 batch rows, k split so that the grid
- * covers the multiprocessors (at most 4 ways: each split's partial sums are read back by the tile's last
- * block). */
+ * (scripts/BENCHMARKS.md): a tile of 128 output rows by 32, 64 or 128 batch rows (8, 6 and 8 stages), k
+ * split so that the grid covers the multiprocessors. */
 #include <algorithm>
 
 #include "gemm4_tma.h"
@@ -14,17 +13,18 @@ namespace {
 
 using TmaSmall = WgmmaShape<32, 2, 1, 8>;
 using TmaMedium = WgmmaShape<64, 2, 1, 6>;
-using TmaLarge = WgmmaShape<128, 2, 1, 6>;
-constexpr int kTmaMaxSplits = 4;
+using TmaLarge = WgmmaShape<128, 2, 1, 8>;
 
 /* the expand kernel's grid has one row per 32 blocks of k */
 bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kExpandTile) > 65535; }
 
 int tile_rows(int64_t batch) { return batch <= 32 ? TmaSmall::BN : batch <= 64 ? TmaMedium::BN : TmaLarge::BN; }
 
+/* k splits: enough blocks for one per multiprocessor, at most 4 (each split's partial sums are read back by
+ * the tile's last block), at most 2 for 128-row tiles (measured: 87 against 94 us at 4096x14336) */
 int tma_splits(int64_t batch, int64_t n_out, int64_t k) {
     const int64_t tiles = ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch));
-    return std::min(tiled_splits(tiles, k / 64, sm_count(), 1), kTmaMaxSplits);
+    return std::min(tiled_splits(tiles, k / 64, sm_count(), 1), tile_rows(batch) == TmaLarge::BN ? 2 : 4);
 }
 
 /* the expanded scales' row stride: n_out rounded up to 4 floats (TMA wants 16-byte aligned rows) */
