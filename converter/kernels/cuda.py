@@ -392,11 +392,13 @@ _split_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 _MAX_SPLIT_WORKSPACES = 16  # streams remembered; code that makes a stream per call must not grow this
 
 
-def _split_workspace(rows: int, n_out: int, k: int, device: torch.device) -> torch.Tensor | None:
-    """The zero-initialised workspace of one prefill-kernel call on the current stream (None: not needed)."""
+def _split_workspace(rows: int, n_out: int, k: int, device: torch.device,
+                     scales_expanded: bool = False) -> torch.Tensor | None:
+    """The zero-initialised workspace of one prefill-kernel call on the current stream (None: not needed);
+    scales_expanded: the call passes the weight's expanded scales (less room needed on an H100)."""
     ffi, lib = load()
     nbytes = ffi.new("int64_t *")
-    _check(lib.qckpt_cuda_gemm_4bit_workspace(rows, n_out, k, nbytes))
+    _check(lib.qckpt_cuda_gemm_4bit_workspace(rows, n_out, k, int(scales_expanded), nbytes))
     if nbytes[0] == 0:
         return None
     key = (_cuda_device(device).index, torch.cuda.current_stream(device).cuda_stream)
@@ -531,8 +533,8 @@ def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     y = torch.empty((rows, n_out), dtype=x.dtype, device=device)
     with _on(device):
         prefill = rows > DECODE_MAX_ROWS
-        ws = _split_workspace(rows, n_out, k, device) if prefill else None
         expanded = _expanded_scales(prep, weight, device) if prefill else ffi.NULL
+        ws = _split_workspace(rows, n_out, k, device, expanded != ffi.NULL) if prefill else None
         _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, prep.packed_ptr, prep.scales,
                                         n_out, k, weight.blocksize, prep.quant, _ptr(y), _ptr(ws),
                                         0 if ws is None else ws.numel(), expanded, _stream(device)))

@@ -84,13 +84,14 @@ bool tiled_supported(int64_t batch, int64_t k) {
 }  // namespace
 
 /* The Hopper kernel's workspace is an upper bound over blocksizes (the query does not know it). */
-extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int64_t *bytes) {
+extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int32_t scales_expanded,
+                                                      int64_t *bytes) {
     if (!bytes) return qk::fail(QCKPT_E_INVALID, "NULL output pointer");
     *bytes = 0;
     if (!tiled_supported(batch, k) || n_out <= 0) return QCKPT_OK;
     *bytes = tiled_plan(batch, n_out, k).workspace_bytes;
     if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, 5))
-        *bytes = std::max(*bytes, qk::tma_gemm_workspace_bytes(batch, n_out, k));
+        *bytes = std::max(*bytes, qk::tma_gemm_workspace_bytes(batch, n_out, k, scales_expanded != 0));
     return QCKPT_OK;
 }
 
@@ -123,7 +124,7 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64
         return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes 1..16 rows with k %% 32 == 0 or 17..%d rows with "
                         "k %% 64 == 0, got %lld rows, k %lld", QCKPT_CUDA_GEMM_MAX_ROWS, (long long)batch, (long long)k);
     if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs) && workspace &&
-        workspace_bytes >= qk::tma_gemm_workspace_bytes(batch, n_out, k)) {
+        workspace_bytes >= qk::tma_gemm_workspace_bytes(batch, n_out, k, expanded_scales != nullptr)) {
         if (expanded_scales && !qk::aligned(expanded_scales, 16))
             return qk::fail(QCKPT_E_INVALID, "expanded scales must be 16-byte aligned");
         const cudaError_t err = qk::tma_gemm_launch(x, dtype == QCKPT_BF16, (int)batch, packed, sc, expanded_scales,

@@ -10,9 +10,9 @@ namespace qk {
 
 /* Whether the Hopper kernel takes this call: 17..128 rows, K a multiple of 64 and of the blocksize. */
 bool tma_gemm_supported(int64_t batch, int64_t k, int log2_bs);
-/* Workspace bytes of such a call for any blocksize: split-K counters and partial sums, then the block scales
- * expanded for TMA. */
-int64_t tma_gemm_workspace_bytes(int64_t batch, int64_t n_out, int64_t k);
+/* Workspace bytes of such a call for any blocksize: split-K counters and partial sums, then (unless the call
+ * passes them, scales_given) room to expand the block scales for TMA. */
+int64_t tma_gemm_workspace_bytes(int64_t batch, int64_t n_out, int64_t k, bool scales_given);
 /* Bytes of a weight's expanded scales (one float32 per block, rows of n_out rounded up to 4). */
 int64_t tma_scales_bytes(int64_t n_out, int64_t k, int log2_bs);
 /* Fill `out` (tma_scales_bytes) with the weight's expanded scales on `s`. */

@@ -62,9 +62,9 @@ bool tma_gemm_supported(int64_t batch, int64_t k, int log2_bs) {
            k < (int64_t(1) << 31) && !grid_too_tall(k >> log2_bs);
 }
 
-int64_t tma_gemm_workspace_bytes(int64_t batch, int64_t n_out, int64_t k) {
-    /* blocksize 32 has the most blocks */
-    return scales_offset(tma_splits(batch, n_out, k), batch, n_out) + (k / 32) * scale_ld(n_out) * 4;
+int64_t tma_gemm_workspace_bytes(int64_t batch, int64_t n_out, int64_t k, bool scales_given) {
+    const int64_t splits_bytes = scales_offset(tma_splits(batch, n_out, k), batch, n_out);
+    return scales_given ? splits_bytes : splits_bytes + (k / 32) * scale_ld(n_out) * 4; /* blocksize 32: most blocks */
 }
 
 int64_t tma_scales_bytes(int64_t n_out, int64_t k, int log2_bs) { return (k >> log2_bs) * scale_ld(n_out) * 4; }
@@ -79,7 +79,8 @@ cudaError_t tma_expand_scales(const Scales &scales, int64_t n_out, int64_t k, in
 cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *packed, const Scales &scales,
                             const float *expanded, int64_t n_out, int64_t k, int log2_bs, int quant_type, void *y,
                             void *workspace, int64_t workspace_bytes, cudaStream_t s) {
-    if (!workspace || workspace_bytes < tma_gemm_workspace_bytes(batch, n_out, k) || grid_too_tall(k >> log2_bs))
+    if (!workspace || workspace_bytes < tma_gemm_workspace_bytes(batch, n_out, k, expanded != nullptr) ||
+        grid_too_tall(k >> log2_bs))
         return cudaErrorInvalidValue;
     const int splits = tma_splits(batch, n_out, k);
     if (!expanded) { /* made here, after the counters and this call's partial sums */

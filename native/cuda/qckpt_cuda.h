@@ -100,8 +100,10 @@ qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *sc
  * call; NULL makes them there. */
 enum { QCKPT_CUDA_GEMM_MAX_ROWS = 128 };
 
-/* Workspace bytes qckpt_cuda_gemm_4bit needs for these shapes on the current device (0: none). */
-qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int64_t *bytes);
+/* Workspace bytes qckpt_cuda_gemm_4bit needs for these shapes on the current device (0: none);
+ * scales_expanded != 0: the calls will pass expanded_scales (no room to make them is needed). */
+qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int32_t scales_expanded,
+                                            int64_t *bytes);
 
 qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
                                   const qckpt_cuda_scales *scales, int64_t n_out, int64_t k, int64_t blocksize,
