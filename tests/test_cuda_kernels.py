@@ -341,19 +341,21 @@ def test_fused_gemm_4bit_prepares_each_weight_once(gen):
 
 def test_gemm_4bit_prefill_expanded_scales_match_and_follow_edits(gen):
     """On an H100 the prefill kernel reads the weight's scales expanded to one float32 per block, kept with the
-    weight: the result is bit-identical to one made with the scales expanded in the workspace per call (NULL),
-    and after the scales are edited in place (as load_state_dict does) the next call sees the new values.
-    Elsewhere the kept buffer is absent and the same checks hold for the tiled kernel."""
+    weight: the result is bit-identical to one made with the scales expanded in the workspace per call (NULL;
+    N 301 and 41 rows over 2 k splits put that copy at an offset that is not a multiple of 16 bytes unless
+    rounded), and after the scales are edited in place (as load_state_dict does) the next call sees the new
+    values. Elsewhere the kept buffer is absent and the same checks hold for the tiled kernel."""
     ffi, lib = kcuda.load()
+    n_out, k, rows = 301, 1024, 41
     for dq, bs in ((False, 64), (True, 32)):
-        qt = converter.quantize((torch.randn(300, 1024, generator=gen) * 0.05).cuda(), "nf4", bs, dq)
-        x = torch.randn(40, 1024, generator=gen).bfloat16().cuda()
+        qt = converter.quantize((torch.randn(n_out, k, generator=gen) * 0.05).cuda(), "nf4", bs, dq)
+        x = torch.randn(rows, k, generator=gen).bfloat16().cuda()
         y = kcuda.fused_gemm_4bit(x, qt)
         prep = kcuda._prepared_weights[id(qt.data)][1]
         fresh = torch.empty_like(y)
-        ws = kcuda._split_workspace(40, 300, 1024, x.device)
-        kcuda._check(lib.qckpt_cuda_gemm_4bit(kcuda._ptr(x), kcuda._dtype_code(x.dtype), 40, prep.packed_ptr,
-                                              prep.scales, 300, 1024, bs, prep.quant, kcuda._ptr(fresh),
+        ws = kcuda._split_workspace(rows, n_out, k, x.device)
+        kcuda._check(lib.qckpt_cuda_gemm_4bit(kcuda._ptr(x), kcuda._dtype_code(x.dtype), rows, prep.packed_ptr,
+                                              prep.scales, n_out, k, bs, prep.quant, kcuda._ptr(fresh),
                                               kcuda._ptr(ws), 0 if ws is None else ws.numel(), ffi.NULL,
                                               kcuda._stream(x.device)))
         assert torch.equal(fresh.view(torch.int16), y.view(torch.int16)), (dq, bs)
@@ -361,6 +363,28 @@ def test_gemm_4bit_prefill_expanded_scales_match_and_follow_edits(gen):
         y2 = kcuda.fused_gemm_4bit(x, qt)
         assert rel_err(y2, reference_matmul(x, qt)) < 1e-2, (dq, bs)
         assert not torch.equal(y2.view(torch.int16), y.view(torch.int16))
+
+
+def test_gemm_4bit_prefill_graph_replay_and_inference_tensors_read_live_scales(gen):
+    """A CUDA graph captured around a prefill call keeps following the weight's scales (no copy of capture
+    time is baked in), and weights made under torch.inference_mode (tensors without version counters) work."""
+    qt = converter.quantize((torch.randn(256, 2048, generator=gen) * 0.05).cuda(), "nf4", 64, False)
+    x = torch.randn(40, 2048, generator=gen).bfloat16().cuda()
+    want = kcuda.gemm_4bit(x, qt)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = kcuda.gemm_4bit(x, qt)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))
+    qt.absmax.mul_(2.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(y, reference_matmul(x, qt)) < 1e-2
+    with torch.inference_mode():
+        frozen = converter.quantize((torch.randn(256, 2048, generator=gen) * 0.05).cuda(), "nf4", 64, True)
+        got = kcuda.gemm_4bit(x, frozen)
+    assert rel_err(got, reference_matmul(x, frozen)) < 1e-2
 
 
 def test_fused_gemm_4bit_rejects_unsupported_shapes(gen):

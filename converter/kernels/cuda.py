@@ -475,35 +475,48 @@ def _prepared(weight: QuantizedTensor, device: torch.device) -> _PreparedWeight:
     return prep
 
 
-def _scale_versions(weight: QuantizedTensor) -> tuple:
+def _scale_tensors(weight: QuantizedTensor) -> tuple:
     nested = weight.nested
-    if nested is None:
-        return (weight.absmax._version,)
-    return (nested.codes._version, nested.absmax._version, nested.code._version)
+    return (weight.absmax,) if nested is None else (nested.codes, nested.absmax, nested.code)
 
 
 def _expanded_scales(prep: _PreparedWeight, weight: QuantizedTensor, device: torch.device):
     """The weight's block scales expanded for the Hopper prefill kernel (one float32 per block), made on first
-    use and kept with the prepared weight; ffi.NULL where the kernel does not read them (other GPUs, shapes it
-    does not take) or inside CUDA-graph capture (the kernel then makes them in its workspace). Made again when
-    the scales were changed in place (their version counters moved), e.g. by load_state_dict."""
+    use and kept with the prepared weight, made again (into the same buffer) once the scales' version counters
+    moved, as an in-place edit such as load_state_dict moves them. ffi.NULL, so that the kernel makes them in
+    its workspace on every call from the live scales, where a kept copy could go stale unseen: inside CUDA-graph
+    capture (a replay would keep reading the copy of capture time) and for inference tensors (no version
+    counter). Writes through `.data` bypass the counters too: call converter.kernels.cuda.forget_prepared()
+    after them. ffi.NULL as well where the kernel does not read them (other GPUs, shapes it does not take)."""
     ffi, lib = load()
-    versions = _scale_versions(weight)
+    tensors = _scale_tensors(weight)
+    if torch.cuda.is_current_stream_capturing() or any(t.is_inference() for t in tensors):
+        return ffi.NULL
+    versions = tuple(t._version for t in tensors)
     if prep.expanded is not None and prep.expanded_versions == versions:
         return ffi.NULL if prep.expanded is False else _ptr(prep.expanded, "float *")
-    if torch.cuda.is_current_stream_capturing():
-        return ffi.NULL
     n_out, k = weight.shape
     nbytes = ffi.new("int64_t *")
     _check(lib.qckpt_cuda_gemm_4bit_scales_bytes(n_out, k, weight.blocksize, nbytes))
     if nbytes[0] == 0:
         prep.expanded, prep.expanded_versions = False, versions
         return ffi.NULL
-    buf = torch.empty(nbytes[0] // 4, dtype=torch.float32, device=device)
+    buf = prep.expanded if isinstance(prep.expanded, torch.Tensor) else None
+    if buf is None or buf.numel() * 4 < nbytes[0]:
+        buf = torch.empty(nbytes[0] // 4, dtype=torch.float32, device=device)
     _check(lib.qckpt_cuda_gemm_4bit_expand_scales(prep.scales, n_out, k, weight.blocksize, _ptr(buf, "float *"),
                                                   _stream(device)))
+    # other streams may use this weight next without waiting on this one: the copy is complete before any
+    # call can read it (once per weight and edit)
+    torch.cuda.current_stream(device).synchronize()
     prep.expanded, prep.expanded_versions = buf, versions
     return _ptr(buf, "float *")
+
+
+def forget_prepared() -> None:
+    """Drop every weight's kept launch arguments and expanded scales (rebuilt on next use): after writing a
+    weight's tensors in a way their version counters do not see, such as through `.data`."""
+    _prepared_weights.clear()
 
 
 def _forget(key: int, ref) -> None:

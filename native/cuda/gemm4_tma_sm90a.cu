@@ -6,6 +6,8 @@
 #include <algorithm>
 
 #include "gemm4_tma.h"
+
+#if CUDART_VERSION >= 12000 /* tensor maps and sm_90a came with CUDA 12; older toolkits get the stubs below */
 #include "kernels/gemm4_tma.cuh"
 
 namespace qk {
@@ -31,9 +33,11 @@ int tma_splits(int64_t batch, int64_t n_out, int64_t k) {
 int64_t scale_ld(int64_t n_out) { return (n_out + 3) / 4 * 4; }
 
 /* Where the expanded scales start in the workspace: after the tile counters (which must stay zero for the
- * next call, split or not) and this call's partial sums. */
+ * next call, split or not) and this call's partial sums, at a 128-byte boundary (TMA wants the base of a
+ * tensor 16-byte aligned; splits * batch * n_out floats need not be). */
 int64_t scales_offset(int splits, int64_t batch, int64_t n_out) {
-    return kTiledMaxCounters * 4 + (splits > 1 ? int64_t(splits) * batch * n_out * 4 : 0);
+    const int64_t end = kTiledMaxCounters * 4 + (splits > 1 ? int64_t(splits) * batch * n_out * 4 : 0);
+    return (end + 127) / 128 * 128;
 }
 
 template <typename T, typename Shape>
@@ -58,6 +62,9 @@ cudaError_t launch_rows(const void *x, int batch, const uint8_t *packed, const S
 }  // namespace
 
 bool tma_gemm_supported(int64_t batch, int64_t k, int log2_bs) {
+#if !QCKPT_HAVE_SM90A
+    return false; /* the build has no sm_90a code: on an H100 the kernel would be the PTX's trap */
+#endif
     return batch > 16 && batch <= TmaLarge::BN && k % 64 == 0 && (k & ((int64_t(1) << log2_bs) - 1)) == 0 &&
            k < (int64_t(1) << 31) && !grid_too_tall(k >> log2_bs);
 }
@@ -96,3 +103,20 @@ cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *
 }
 
 }  // namespace qk
+
+#else
+
+namespace qk {
+bool tma_gemm_supported(int64_t, int64_t, int) { return false; }
+int64_t tma_gemm_workspace_bytes(int64_t, int64_t, int64_t, bool) { return 0; }
+int64_t tma_scales_bytes(int64_t, int64_t, int) { return 0; }
+cudaError_t tma_expand_scales(const Scales &, int64_t, int64_t, int, float *, cudaStream_t) {
+    return cudaErrorNotSupported;
+}
+cudaError_t tma_gemm_launch(const void *, bool, int, const uint8_t *, const Scales &, const float *, int64_t, int64_t,
+                            int, int, void *, void *, int64_t, cudaStream_t) {
+    return cudaErrorNotSupported;
+}
+}  // namespace qk
+
+#endif

@@ -42,12 +42,20 @@ def selected_arches() -> tuple:
 
 def gencode_flags(arches=ARCHES, hopper_features: bool = False) -> list[str]:
     """-gencode flags: SASS for each arch and PTX for the last. hopper_features (files named *_sm90a.cu, whose
-    wgmma/TMA instructions exist only on sm_90a) builds 90 as sm_90a; its PTX stays plain compute_90, where
-    those kernels are traps that the launchers never reach."""
+    wgmma/TMA instructions exist only on sm_90a) builds 90 as sm_90a and defines QCKPT_HAVE_SM90A, without
+    which their launchers decline every call: their PTX stays plain compute_90, where the kernels are traps."""
     def sass(a: str) -> str:
         a = a + "a" if hopper_features and a == "90" else a
         return f"-gencode=arch=compute_{a},code=sm_{a}"
-    return [sass(a) for a in arches] + [f"-gencode=arch=compute_{arches[-1]},code=compute_{arches[-1]}"]
+    flags = [sass(a) for a in arches] + [f"-gencode=arch=compute_{arches[-1]},code=compute_{arches[-1]}"]
+    return flags + (["-DQCKPT_HAVE_SM90A=1"] if hopper_features and "90" in arches else [])
+
+
+def nvcc_major(nvcc: str) -> int:
+    """The toolkit's major version (0 when `nvcc --version` does not say)."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", out)
+    return int(found.group(1)) if found else 0
 
 
 def find_nvcc() -> str | None:
@@ -78,10 +86,11 @@ def compile_objects(nvcc: str, out_dir: pathlib.Path = BUILD, arches=ARCHES) -> 
     """nvcc -c every .cu (in parallel); raises CalledProcessError with nvcc's message on failure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     includes = [f"-I{NATIVE / 'include'}", f"-I{CUDA_SRC}"]
+    hopper_toolkit = nvcc_major(nvcc) >= 12
 
     def one(src: pathlib.Path) -> str:
         obj = out_dir / (src.stem + ".o")
-        hopper = src.stem.endswith("_sm90a")
+        hopper = src.stem.endswith("_sm90a") and hopper_toolkit  # sm_90a and TMA need CUDA 12
         cmd = [nvcc, *NVCC_FLAGS, *gencode_flags(arches, hopper), *includes, "-c", str(src), "-o", str(obj)]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         return str(obj)

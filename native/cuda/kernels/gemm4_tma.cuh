@@ -84,24 +84,30 @@ __global__ void expand_scales_kernel(Scales scales, int64_t n_out, int64_t k, in
                                      float *__restrict__ out) {
     __shared__ float code[256];
     __shared__ float tile[kExpandTile][kExpandTile + 1];
-    const int tid = threadIdx.y * kExpandTile + threadIdx.x;
-    if (!scales.absmax)
-        for (int i = tid; i < 256; i += kExpandTile * kExpandRows) code[i] = scales.code[i];
-    __syncthreads();
     const int64_t per_row = k >> log2_bs, n0 = int64_t(blockIdx.x) * kExpandTile, kb0 = int64_t(blockIdx.y) * kExpandTile;
-    for (int r = threadIdx.y; r < kExpandTile; r += kExpandRows) { /* row n0 + r, block kb0 + threadIdx.x */
-        const int64_t n = n0 + r, kb = kb0 + threadIdx.x;
-        float v = 0.0f;
-        if (n < n_out && kb < per_row) {
-            float raw;
-            uint32_t ci = 0;
-            load_raw_scale(scales, n * per_row + kb, raw, ci);
-            v = raw_block_scale(scales, code, raw, ci);
-        }
-        tile[r][threadIdx.x] = v;
+    constexpr int kPer = kExpandTile / kExpandRows;
+    /* rows n0 + threadIdx.y + kExpandRows j, block kb0 + threadIdx.x: every load is issued before any is used
+     * (a loop that waited for each before the next kept the kernel latency-bound) */
+    float raw[kPer];
+    uint32_t ci[kPer];
+#pragma unroll
+    for (int j = 0; j < kPer; j++) {
+        const int64_t n = n0 + threadIdx.y + kExpandRows * j, kb = kb0 + threadIdx.x;
+        raw[j] = 0.0f;
+        ci[j] = 0;
+        if (n < n_out && kb < per_row) load_raw_scale(scales, n * per_row + kb, raw[j], ci[j]);
     }
+    if (!scales.absmax)
+        for (int i = threadIdx.y * kExpandTile + threadIdx.x; i < 256; i += kExpandTile * kExpandRows)
+            code[i] = scales.code[i];
     __syncthreads();
-    for (int c = threadIdx.y; c < kExpandTile; c += kExpandRows) { /* block kb0 + c, row n0 + threadIdx.x */
+#pragma unroll
+    for (int j = 0; j < kPer; j++)
+        tile[threadIdx.y + kExpandRows * j][threadIdx.x] = raw_block_scale(scales, code, raw[j], ci[j]);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kPer; j++) { /* block kb0 + threadIdx.y + kExpandRows j, row n0 + threadIdx.x */
+        const int c = threadIdx.y + kExpandRows * j;
         const int64_t n = n0 + threadIdx.x, kb = kb0 + c;
         if (n < n_out && kb < per_row) out[kb * ld + n] = tile[threadIdx.x][c];
     }
@@ -233,9 +239,12 @@ inline bool make_tma_maps(CUtensorMap *x_map, CUtensorMap *w_map, CUtensorMap *s
     static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
         void *fn = nullptr;
         cudaDriverEntryPointQueryResult q;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) != cudaSuccess)
-            fn = nullptr;
-        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+#if CUDART_VERSION >= 12050
+        const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+#else
+        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &q);
+#endif
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(err == cudaSuccess ? fn : nullptr);
     }();
     if (!encode) return false;
     const cuuint32_t ones[2] = {1, 1};
