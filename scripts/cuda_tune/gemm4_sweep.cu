@@ -180,73 +180,67 @@ static void sweep_gemv_luts(Problem &p, int batch) {
     sweep_gemv<NT, R, W, DEPTH, MINB, kLutMixed>(p, batch);
 }
 
+/* For each distinct k split of `candidates` that keeps >= 4 k-tiles a split: check launch(copy 0, splits)
+ * against the reference (the output cleared first, so that rows a kernel never writes show), then time it. */
+static void sweep_splits(Problem &p, int batch, const char *kind, const char *cfg, int64_t ktiles,
+                         std::vector<int> candidates, const std::function<void(int, int)> &launch) {
+    std::sort(candidates.begin(), candidates.end());
+    candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+    for (int splits : candidates) {
+        if (splits > 1 && ktiles / splits < 4) continue;
+        CK(cudaMemset(p.y, 0, size_t(batch) * p.n_out * 2));
+        launch(0, splits);
+        CK(cudaDeviceSynchronize());
+        const double err = rel_error(p, batch);
+        report(kind, cfg, p, batch, splits, time_us([&](int c) { launch(c, splits); }, kRotate), err);
+    }
+}
+
 template <typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 static void sweep_tiled(Problem &p, int batch, int sms) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BN) * ceil_div(batch, Shape::BM), ktiles = p.k / kTiledBK;
-    std::vector<int> splits_list = {1, 2, 4, 8, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2)};
-    std::sort(splits_list.begin(), splits_list.end());
-    splits_list.erase(std::unique(splits_list.begin(), splits_list.end()), splits_list.end());
-    for (int splits : splits_list) {
-        if (splits > 1 && ktiles / splits < 4) continue;
-        auto launch = [&](int c) {
-            CK((launch_gemm_4bit_tiled<bf16, Shape, DEPTH, MINB, LUT>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
-                                                            QCKPT_NF4, p.y, splits, p.workspace, 0)));
-        };
-        launch(0);
-        CK(cudaDeviceSynchronize());
-        const double err = rel_error(p, batch);
-        char cfg[64];
-        snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d D%d MINB%d L%d", Shape::WN, Shape::WM, Shape::NT16,
-                 Shape::MT, Shape::STAGES, DEPTH, MINB, LUT);
-        report("tiled", cfg, p, batch, splits, time_us(launch, kRotate), err);
-    }
+    char cfg[64];
+    snprintf(cfg, sizeof cfg, "WN%d WM%d NT%d MT%d S%d D%d MINB%d L%d", Shape::WN, Shape::WM, Shape::NT16, Shape::MT,
+             Shape::STAGES, DEPTH, MINB, LUT);
+    sweep_splits(p, batch, "tiled", cfg, ktiles,
+                 {1, 2, 4, 8, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2)},
+                 [&](int c, int splits) {
+                     CK((launch_gemm_4bit_tiled<bf16, Shape, DEPTH, MINB, LUT>(p.x, batch, p.packed[c], p.scales(c),
+                                                                               p.n_out, p.k, 6, QCKPT_NF4, p.y,
+                                                                               splits, p.workspace, 0)));
+                 });
 }
 
 template <typename Shape, int LUT, int MINB>
 static void sweep_wgmma(Problem &p, int batch, int sms) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / Shape::BK;
-    std::vector<int> splits_list = {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
-                                    tiled_splits(tiles, ktiles, sms, 3), tiled_splits(tiles, ktiles, sms, 4)};
-    std::sort(splits_list.begin(), splits_list.end());
-    splits_list.erase(std::unique(splits_list.begin(), splits_list.end()), splits_list.end());
-    for (int splits : splits_list) {
-        if (splits > 1 && ktiles / splits < 4) continue;
-        auto launch = [&](int c) {
-            CK((launch_gemm_4bit_wgmma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
-                                                          QCKPT_NF4, p.y, splits, p.workspace, 0)));
-        };
-        launch(0);
-        CK(cudaDeviceSynchronize());
-        const double err = rel_error(p, batch);
-        char cfg[64];
-        snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
-                 Shape::BK, LUT, MINB);
-        report("wgmma", cfg, p, batch, splits, time_us(launch, kRotate), err);
-    }
+    char cfg[64];
+    snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
+             Shape::BK, LUT, MINB);
+    sweep_splits(p, batch, "wgmma", cfg, ktiles,
+                 {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
+                  tiled_splits(tiles, ktiles, sms, 3), tiled_splits(tiles, ktiles, sms, 4)},
+                 [&](int c, int splits) {
+                     CK((launch_gemm_4bit_wgmma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out,
+                                                                        p.k, 6, QCKPT_NF4, p.y, splits, p.workspace,
+                                                                        0)));
+                 });
 }
 
 template <typename Shape, int LUT, int MINB>
 static void sweep_tma(Problem &p, int batch, int sms) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / Shape::BK;
-    std::vector<int> splits_list = {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
-                                    tiled_splits(tiles, ktiles, sms, 3)};
-    std::sort(splits_list.begin(), splits_list.end());
-    splits_list.erase(std::unique(splits_list.begin(), splits_list.end()), splits_list.end());
-    for (int splits : splits_list) {
-        if (splits > 1 && ktiles / splits < 4) continue;
-        auto launch = [&](int c) {
-            CK((launch_gemm_4bit_tma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.expanded[c], p.n_out, p.scales(c), p.n_out, p.k, 6,
-                                                            QCKPT_NF4, p.y, splits, p.workspace, 0)));
-        };
-        CK(cudaMemset(p.y, 0, size_t(batch) * p.n_out * 2));
-        launch(0);
-        CK(cudaDeviceSynchronize());
-        const double err = rel_error(p, batch);
-        char cfg[64];
-        snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
-                 Shape::BK, LUT, MINB);
-        report("tma", cfg, p, batch, splits, time_us(launch, kRotate), err);
-    }
+    char cfg[64];
+    snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
+             Shape::BK, LUT, MINB);
+    sweep_splits(p, batch, "tma", cfg, ktiles,
+                 {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
+                  tiled_splits(tiles, ktiles, sms, 3)},
+                 [&](int c, int splits) {
+                     CK((launch_gemm_4bit_tma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.expanded[c], p.n_out,
+                                                                      p.scales(c), p.n_out, p.k, 6, QCKPT_NF4, p.y,
+                                                                      splits, p.workspace, 0)));
+                 });
 }
 
 int main(int argc, char **argv) {
@@ -321,7 +315,7 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
-    /* --tma-quick: one prefill and one decode shape of the TMA kernel (for builds with parts switched off) */
+    /* --tma-quick: one prefill (128 rows) and one decode (1 row) launch of the TMA kernel per shape */
     if (argc > 1 && !strcmp(argv[1], "--tma-quick")) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);

@@ -28,7 +28,7 @@ namespace qk {
 
 /* shared memory written through the generic proxy (cp.async here) becomes visible to wgmma's reads */
 __device__ __forceinline__ void fence_proxy_async_shared() {
-#if QK_HAS_WGMMA && !defined(QK_NO_PROXY_FENCE)
+#if QK_HAS_WGMMA
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
@@ -266,15 +266,9 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
 template <typename T, typename Shape, int LUT, int MINB>
 cudaError_t launch_gemm_4bit_wgmma(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                    int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace, cudaStream_t s) {
-    auto kernel = gemm_4bit_wgmma_kernel<T, Shape, LUT, MINB>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const int64_t n_tiles = ceil_div(n_out, Shape::BM), m_tiles = ceil_div(batch, Shape::BN);
-    int *counters = splits > 1 ? static_cast<int *>(workspace) : nullptr;
-    float *partials = splits > 1 ? reinterpret_cast<float *>(counters + kTiledMaxCounters) : nullptr;
-    kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), Shape::kThreads, Shape::kSmemBytes, s>>>(
-        x, batch, packed, sc, n_out, k, log2_bs, qt, y, partials, counters);
-    return cudaGetLastError();
+    return launch_split_k(gemm_4bit_wgmma_kernel<T, Shape, LUT, MINB>, ceil_div(n_out, Shape::BM),
+                          ceil_div(batch, Shape::BN), splits, Shape::kThreads, Shape::kSmemBytes, workspace, s, x,
+                          batch, packed, sc, n_out, k, log2_bs, qt, y);
 }
 
 }  // namespace qk

@@ -275,21 +275,29 @@ inline int64_t tiled_workspace_bytes(int splits, int batch, int64_t n_out) {
     return splits > 1 ? kTiledMaxCounters * 4 + int64_t(splits) * batch * n_out * 4 : 0;
 }
 
+/* Launch `kernel` on a (n_tiles, m_tiles, splits) grid whose last two arguments are the split-k partial sums
+ * and tile counters carved from `workspace` (tiled_workspace_bytes(); NULL when splits == 1). Dynamic +
+ * static shared memory above 48 KiB needs the opt-in, which is per device: it is set each time. */
+template <typename Kernel, typename... Args>
+cudaError_t launch_split_k(Kernel kernel, int64_t n_tiles, int64_t m_tiles, int splits, int threads, int smem_bytes,
+                           void *workspace, cudaStream_t s, Args... args) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+    int *counters = splits > 1 ? static_cast<int *>(workspace) : nullptr;
+    float *partials = splits > 1 ? reinterpret_cast<float *>(counters + kTiledMaxCounters) : nullptr;
+    kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), threads, smem_bytes, s>>>(args..., partials,
+                                                                                                    counters);
+    return cudaGetLastError();
+}
+
 /* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
 template <typename T, typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 cudaError_t launch_gemm_4bit_tiled(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                    int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace,
                                    cudaStream_t s) {
-    auto kernel = gemm_4bit_tiled_kernel<T, Shape, DEPTH, MINB, LUT>;
-    /* dynamic + static shared memory above 48 KiB needs the opt-in, which is per device: set it each time */
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const int64_t n_tiles = ceil_div(n_out, Shape::BN), m_tiles = ceil_div(batch, Shape::BM);
-    int *counters = splits > 1 ? static_cast<int *>(workspace) : nullptr;
-    float *partials = splits > 1 ? reinterpret_cast<float *>(counters + kTiledMaxCounters) : nullptr;
-    kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), Shape::kThreads, Shape::kSmemBytes, s>>>(
-        x, batch, packed, sc, n_out, k, log2_bs, qt, y, partials, counters);
-    return cudaGetLastError();
+    return launch_split_k(gemm_4bit_tiled_kernel<T, Shape, DEPTH, MINB, LUT>, ceil_div(n_out, Shape::BN),
+                          ceil_div(batch, Shape::BM), splits, Shape::kThreads, Shape::kSmemBytes, workspace, s, x,
+                          batch, packed, sc, n_out, k, log2_bs, qt, y);
 }
 
 }  // namespace qk

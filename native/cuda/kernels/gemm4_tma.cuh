@@ -278,16 +278,10 @@ cudaError_t launch_gemm_4bit_tma(const T *x, int batch, const uint8_t *packed, c
     if (!make_tma_maps<Shape>(&x_map, &w_map, &s_map, x, batch, packed, expanded, ld, n_out, k, log2_bs,
                               std::is_same<T, __nv_bfloat16>::value))
         return cudaErrorInvalidValue;
-    auto kernel = gemm_4bit_tma_kernel<T, Shape, LUT, MINB>;
-    const int smem_bytes = Shape::kSmemBytes + 1024; /* room to align the ring to 1024 bytes */
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-    const int64_t n_tiles = ceil_div(n_out, Shape::BM), m_tiles = ceil_div(batch, Shape::BN);
-    int *counters = splits > 1 ? static_cast<int *>(workspace) : nullptr;
-    float *partials = splits > 1 ? reinterpret_cast<float *>(counters + kTiledMaxCounters) : nullptr;
-    kernel<<<dim3((unsigned)n_tiles, (unsigned)m_tiles, (unsigned)splits), Shape::kThreads + 32, smem_bytes, s>>>(
-        x_map, w_map, s_map, batch, sc, n_out, k, log2_bs, qt, y, partials, counters);
-    return cudaGetLastError();
+    /* + 1024: room to align the ring to 1024 bytes; + 32 threads: the producer warp */
+    return launch_split_k(gemm_4bit_tma_kernel<T, Shape, LUT, MINB>, ceil_div(n_out, Shape::BM),
+                          ceil_div(batch, Shape::BN), splits, Shape::kThreads + 32, Shape::kSmemBytes + 1024,
+                          workspace, s, x_map, w_map, s_map, batch, sc, n_out, k, log2_bs, qt, y);
 }
 
 }  // namespace qk
