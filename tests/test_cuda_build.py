@@ -35,6 +35,8 @@ def test_cuda_module_imports_without_gpu_or_extension():
     assert not cuda.fused_supported(0, 4096, torch.bfloat16)
     assert not cuda.fused_supported(1, 4100, torch.bfloat16)
     assert not cuda.fused_supported(1, 4096, torch.float32)
+    assert not cuda.fused_supported(1, 2**20, torch.bfloat16, 2**20)  # decode positions need n_out * k < 2^36
+    assert cuda.fused_supported(17, 2**20, torch.bfloat16, 2**20)
 
 
 def test_cuda_cdef_parses_header():

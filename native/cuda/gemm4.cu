@@ -1,44 +1,41 @@
-/* gemm4.cu -- launchers of the fused 4-bit matmuls: kernels/gemm4.cuh for 1..16 rows (picks the batch
- * tiles NT and rows per warp R so the grid covers every multiprocessor at least twice), and for
+/* gemm4.cu -- launchers of the fused 4-bit matmuls: kernels/gemv4.cuh for 1..16 rows, and for
  * 17..QCKPT_CUDA_GEMM_MAX_ROWS rows the Hopper kernel (kernels/gemm4_tma.cuh, via gemm4_tma.h) on compute
  * capability 9.0, kernels/gemm4_tiled.cuh elsewhere or for shapes it does not take. */
 #include <algorithm>
 
 #include "gemm4_tma.h"
-#include "kernels/gemm4.cuh"
+#include "kernels/gemv4.cuh"
 #include "kernels/gemm4_tiled.cuh"
 
 namespace {
 
-template <typename T, int NT, int R, int W, int DEPTH, int MINB, int LUT>
-void launch(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
-            int log2_bs, int qt, void *y, cudaStream_t s) {
-    const int64_t blocks = qk::ceil_div(n_out, 16 * R);
-    qk::gemm_4bit_kernel<T, NT, R, W, DEPTH, MINB, LUT><<<(unsigned)blocks, W * 32, 0, s>>>(
-        static_cast<const T *>(x), batch, packed, sc, n_out, k, log2_bs, qt, static_cast<T *>(y));
+/* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode measured fastest on an H100 for
+ * the Llama-8B MLP shapes (scripts/BENCHMARKS.md): 8 warps splitting k, two blocks per multiprocessor
+ * walking over the row tiles; up to 8 rows one batch tile and two steps of loads in flight, 9..16 rows two
+ * batch tiles (twice the x registers) and one step. */
+template <typename T, bool POST>
+cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,
+                          int64_t k, int log2_bs, int qt, void *y, cudaStream_t s) {
+    using namespace qk;
+    const T *xt = static_cast<const T *>(x);
+    T *yt = static_cast<T *>(y);
+    constexpr int kBlocksPerSm = 2;
+    if (batch > 8) {
+        const int64_t grid = std::min<int64_t>(ceil_div(n_out, 16), int64_t(sm_count()) * kBlocksPerSm);
+        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, kBlocksPerSm, POST>(xt, batch, packed, sc, n_out, k, log2_bs,
+                                                                         qt, yt, grid, s);
+    }
+    const int64_t grid = std::min<int64_t>(ceil_div(n_out, 16), int64_t(sm_count()) * kBlocksPerSm);
+    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, kBlocksPerSm, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt,
+                                                                     yt, grid, s);
 }
 
-/* Shapes and lookups, as scripts/cuda_tune/gemm4_sweep.cu --decode measured them fastest on an H100
- * (BENCHMARKS.md). Up to 8 rows: one row tile (16 outputs) per warp, two steps of loads in flight; k
- * splits over 4 warps when short and over 8 when long (>= 64 steps of 128), so that each warp streams
- * long enough; the long-k grid reads its codes from the lane table, the short one half from registers
- * and half from the shared table. 9..16 rows need twice the x registers: two row tiles per warp (which
- * halves the x traffic from L2, as large as the weights at 16 rows) when there are many rows, else one
- * tile and one step ahead. */
 template <typename T>
-void launch_shape(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out, int64_t k,
-                  int log2_bs, int qt, void *y, cudaStream_t s) {
-    using namespace qk;
-    const bool long_k = ceil_div(k, 128) >= 64;
-    const bool many_rows = ceil_div(n_out, 32) >= 2 * sm_count();
-    if (batch > 8) {
-        if (many_rows) launch<T, 2, 2, 4, 2, 2, kLutMixed>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else if (long_k) launch<T, 2, 1, 8, 1, 2, kLutLane>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else launch<T, 2, 1, 4, 1, 4, kLutMixed>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-    } else {
-        if (long_k) launch<T, 1, 1, 8, 2, 2, kLutLane>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-        else launch<T, 1, 1, 4, 2, 4, kLutMixed>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
-    }
+cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,
+                          int64_t k, int log2_bs, int qt, void *y, cudaStream_t s) {
+    return qk::decode_post_scaled(k, log2_bs)
+        ? launch_decode<T, true>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s)
+        : launch_decode<T, false>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
 }
 
 /* 17+ rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu measured fastest on an H100 for the
@@ -115,14 +112,18 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64
     if (!qk::aligned(x, 16) || !qk::aligned(packed, 16))
         return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul needs 16-byte aligned activations and weights");
     cudaStream_t s = (cudaStream_t)stream;
-    if (batch >= 1 && batch <= 16 && k % 32 == 0) {
-        if (dtype == QCKPT_BF16) launch_shape<__nv_bfloat16>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
-        else launch_shape<__half>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
+    if (batch >= 1 && batch <= 16 && k % 32 == 0 && qk::decode_fits(n_out, k)) {
+        const cudaError_t err = dtype == QCKPT_BF16
+            ? launch_decode<__nv_bfloat16>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s)
+            : launch_decode<__half>(x, (int)batch, packed, sc, n_out, k, log2_bs, quant_type, y, s);
+        if (err != cudaSuccess)
+            return qk::fail(QCKPT_E_INVALID, "gemm_4bit (%lld rows): %s", (long long)batch, cudaGetErrorString(err));
         return qk::check_launch("gemm_4bit");
     }
     if (!tiled_supported(batch, k))
-        return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes 1..16 rows with k %% 32 == 0 or 17..%d rows with "
-                        "k %% 64 == 0, got %lld rows, k %lld", QCKPT_CUDA_GEMM_MAX_ROWS, (long long)batch, (long long)k);
+        return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes 1..16 rows with k %% 32 == 0 (and n_out * k < "
+                        "2^36) or 17..%d rows with k %% 64 == 0, got %lld rows, %lld x %lld", QCKPT_CUDA_GEMM_MAX_ROWS,
+                        (long long)batch, (long long)n_out, (long long)k);
     if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs) && workspace &&
         workspace_bytes >= qk::tma_gemm_workspace_bytes(batch, n_out, k, expanded_scales != nullptr)) {
         if (expanded_scales && !qk::aligned(expanded_scales, 16))

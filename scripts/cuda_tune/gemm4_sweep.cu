@@ -23,6 +23,7 @@
 
 #include "harness.cuh"
 #include "kernels/gemm4.cuh"
+#include "kernels/gemv4.cuh"
 #include "kernels/gemm4_tiled.cuh"
 #include "kernels/gemm4_tma.cuh"
 #include "gemm4_wgmma.cuh"
@@ -157,27 +158,25 @@ static void report(const char *kind, const std::string &cfg, const Problem &p, i
     fflush(stdout);
 }
 
-template <int NT, int R, int W, int DEPTH, int MINB, int LUT = kLutDefault>
-static void sweep_gemv(Problem &p, int batch) {
+/* the decode kernel (gemv4.cuh); blocks_per_sm 0: one block per row tile, else a grid of that many blocks
+ * per SM walking over the tiles */
+template <int NT, int R, int W, int DEPTH, int MINB, bool POST = true>
+static void sweep_decode(Problem &p, int batch, int sms, int blocks_per_sm) {
     if (batch > NT * 8) return;
+    const int64_t tiles = ceil_div(p.n_out, 16 * R);
+    const int64_t grid = blocks_per_sm ? std::min<int64_t>(tiles, int64_t(sms) * blocks_per_sm) : tiles;
     auto launch = [&](int c) {
-        gemm_4bit_kernel<bf16, NT, R, W, DEPTH, MINB, LUT><<<(unsigned)ceil_div(p.n_out, 16 * R), W * 32>>>(
-            p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6, QCKPT_NF4, p.y);
+        CK((launch_gemm_4bit_decode<bf16, NT, R, W, DEPTH, MINB, POST>(p.x, batch, p.packed[c], p.scales(c), p.n_out,
+                                                                       p.k, 6, QCKPT_NF4, p.y, grid, 0)));
     };
+    CK(cudaMemset(p.y, 0, size_t(batch) * p.n_out * 2));
     launch(0);
     CK(cudaDeviceSynchronize());
     const double err = rel_error(p, batch);
     char cfg[64];
-    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d L%d", NT, R, W, DEPTH, MINB, LUT);
-    report("gemv", cfg, p, batch, 1, time_us(launch, kRotate), err);
-}
-
-/* one decode shape under each lookup mode (LutMode 0, 1, 2) */
-template <int NT, int R, int W, int DEPTH, int MINB>
-static void sweep_gemv_luts(Problem &p, int batch) {
-    sweep_gemv<NT, R, W, DEPTH, MINB, kLutShared>(p, batch);
-    sweep_gemv<NT, R, W, DEPTH, MINB, kLutRegs>(p, batch);
-    sweep_gemv<NT, R, W, DEPTH, MINB, kLutMixed>(p, batch);
+    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d %s g%d", NT, R, W, DEPTH, MINB, POST ? "post" : "pre",
+             blocks_per_sm);
+    report("decode", cfg, p, batch, 1, time_us(launch, kRotate), err);
 }
 
 /* For each distinct k split of `candidates` that keeps >= 4 k-tiles a split: check launch(copy 0, splits)
@@ -251,8 +250,8 @@ int main(int argc, char **argv) {
         Problem p = make_problem(14336, 4096);
         int sms;
         CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-        gemm_4bit_kernel<bf16, 1, 1, 4, 2, 4, kLutMixed><<<(unsigned)ceil_div(p.n_out, 16), 128>>>(
-            p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6, QCKPT_NF4, p.y);
+        CK((launch_gemm_4bit_decode<bf16, 1, 1, 8, 2, 2, true>(p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6,
+                                                              QCKPT_NF4, p.y, 2 * sms, 0)));
         CK((launch_gemm_4bit_tiled<bf16, TiledShape<8, 1, 1, 8, 4>, 2, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out,
                                                                            p.k, 6, QCKPT_NF4, p.y, 1, p.workspace, 0)));
         CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 2, 1, 5>, kLutLane, 1>(p.x, 128, p.packed[1], p.scales(1),
@@ -300,15 +299,13 @@ int main(int argc, char **argv) {
                     sweep_wgmma<WgmmaShape<16, 2, 1, 5>, kLutRegs, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<16, 2, 1, 7>, kLutRegs, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<16, 2, 1, 5, 128>, kLutLane, 2>(p, batch, sms);
-                    sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch); /* the library's decode launches */
-                    sweep_gemv<2, 1, 8, 1, 2, kLutLane>(p, batch);
+                    sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2); /* the library's decode launch */
                 } else {
                     sweep_wgmma<WgmmaShape<8, 2, 1, 5>, kLutLane, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<8, 2, 1, 5>, kLutRegs, 4>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<8, 2, 1, 7>, kLutRegs, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<8, 2, 1, 5, 128>, kLutLane, 2>(p, batch, sms);
-                    sweep_gemv<1, 1, 8, 2, 2, kLutLane>(p, batch);
-                    sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
+                    sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
                 }
             }
             free_problem(p);
@@ -348,55 +345,50 @@ int main(int argc, char **argv) {
                 } else if (batch > 8) {
                     sweep_tma<WgmmaShape<16, 2, 1, 8>, kLutLane, 2>(p, batch, sms);
                     sweep_tma<WgmmaShape<16, 2, 1, 8>, kLutRegs, 2>(p, batch, sms);
-                    sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch);
+                    sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2);
                 } else {
                     sweep_tma<WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p, batch, sms);
                     sweep_tma<WgmmaShape<8, 2, 1, 10>, kLutRegs, 2>(p, batch, sms);
-                    sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
+                    sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
                 }
             }
             free_problem(p);
         }
         return 0;
     }
-    /* --decode: the 1..16-row kernel's register ring (DEPTH steps ahead), warps, rows per warp and
-     * blocks per SM, under the shared and mixed lookups */
+    /* --decode: the 1..16-row kernel (gemv4.cuh): warps, prefetch depth, rows per warp, blocks per SM (0: one
+     * per row tile), post- and pre-scaled */
     if (argc > 1 && !strcmp(argv[1], "--decode")) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);
             for (int batch : {1, 8}) {
-                sweep_gemv<1, 1, 4, 2, 4, kLutShared>(p, batch);
-                sweep_gemv<1, 1, 4, 2, 4, kLutMixed>(p, batch);
-                sweep_gemv<1, 1, 4, 2, 4, kLutLane>(p, batch);
-                sweep_gemv<1, 1, 4, 3, 3, kLutLane>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, kLutShared>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, kLutMixed>(p, batch);
-                sweep_gemv<1, 1, 8, 2, 2, kLutLane>(p, batch);
-                sweep_gemv<1, 1, 2, 2, 6, kLutLane>(p, batch);
-                sweep_gemv<1, 2, 4, 2, 2, kLutLane>(p, batch);
+                sweep_decode<1, 1, 4, 2, 3>(p, batch, sms, 0);
+                sweep_decode<1, 1, 4, 2, 3>(p, batch, sms, 3);
+                sweep_decode<1, 1, 4, 2, 3, false>(p, batch, sms, 3);
+                sweep_decode<1, 1, 4, 3, 3>(p, batch, sms, 3);
+                sweep_decode<1, 1, 8, 1, 2>(p, batch, sms, 2);
+                sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
+                sweep_decode<1, 1, 8, 3, 2>(p, batch, sms, 2);
+                sweep_decode<1, 1, 16, 2, 1>(p, batch, sms, 1);
+                sweep_decode<1, 1, 16, 1, 1>(p, batch, sms, 1);
             }
             for (int batch : {16}) {
-                sweep_gemv<2, 2, 4, 1, 3, kLutMixed>(p, batch);
-                sweep_gemv<2, 2, 4, 2, 2, kLutMixed>(p, batch);
-                sweep_gemv<2, 2, 4, 2, 2, kLutLane>(p, batch);
-                sweep_gemv<2, 1, 8, 1, 2, kLutMixed>(p, batch);
-                sweep_gemv<2, 1, 8, 1, 2, kLutLane>(p, batch);
-                sweep_gemv<2, 1, 4, 2, 3, kLutLane>(p, batch);
+                sweep_decode<2, 1, 4, 1, 3>(p, batch, sms, 0);
+                sweep_decode<2, 1, 4, 1, 3>(p, batch, sms, 3);
+                sweep_decode<2, 1, 4, 2, 3>(p, batch, sms, 3);
+                sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2);
+                sweep_decode<2, 1, 16, 1, 1>(p, batch, sms, 1);
+                sweep_decode<2, 2, 4, 1, 3>(p, batch, sms, 3);
+                sweep_decode<2, 2, 8, 1, 2>(p, batch, sms, 2);
             }
             free_problem(p);
         }
         return 0;
     }
-    /* --lut: the library's launch shapes under each lookup mode (LutMode: 0 shared, 1 registers, 2 mixed) */
+    /* --lut: the tiled kernel's launch shapes under each lookup mode (LutMode: 0 shared, 1 registers, 2 mixed) */
     if (argc > 1 && !strcmp(argv[1], "--lut")) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);
-            for (int batch : {1, 16}) {
-                sweep_gemv_luts<1, 1, 4, 2, 4>(p, batch);
-                sweep_gemv_luts<1, 1, 8, 2, 2>(p, batch);
-                sweep_gemv_luts<2, 2, 4, 1, 3>(p, batch);
-                sweep_gemv_luts<2, 1, 8, 1, 2>(p, batch);
-            }
             for (int lut = 0; lut < 3; lut++) { /* the library's tiled shapes */
                 auto small = lut == 0 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 0>
                            : lut == 1 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 1>
@@ -414,15 +406,8 @@ int main(int argc, char **argv) {
     for (auto &shape : shapes) {
         Problem p = make_problem(shape[0], shape[1]);
         for (int batch : {1, 8, 16}) {
-            sweep_gemv<1, 1, 4, 2, 4>(p, batch);
-            sweep_gemv<1, 1, 8, 2, 2>(p, batch);
-            sweep_gemv<1, 2, 4, 2, 2>(p, batch);
-            sweep_gemv<1, 1, 4, 2, 3>(p, batch);
-            sweep_gemv<1, 1, 4, 1, 4>(p, batch);
-            sweep_gemv<2, 1, 4, 2, 2>(p, batch);
-            sweep_gemv<2, 1, 4, 1, 4>(p, batch);
-            sweep_gemv<2, 2, 4, 1, 3>(p, batch);
-            sweep_gemv<2, 1, 8, 1, 2>(p, batch);
+            sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
+            sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2);
         }
         for (int batch : {16, 32, 64, 128, 256}) {
             if (batch <= 32) {

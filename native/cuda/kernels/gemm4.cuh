@@ -1,20 +1,10 @@
-/* gemm4.cuh -- fused 4-bit dequantize + matmul for 1..16 activation rows (decode), on the tensor cores.
- *
- *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out)
- *
- * mma.m16n8k16 takes W as the 16x16 A tile (rows = outputs) and x^T as the 16x8 B tile (columns = batch
- * rows; 9..16 rows use a second tile). A dot product does not care in which order k is visited, so
- * logical k of the mma is remapped: lane (g = lane/4, t = lane%4) owns physical k in [32t, 32t + 32) of
- * a 128-wide step for both operands, and feeds 4 of them per mma. Each lane therefore reads 16
- * contiguous packed bytes per weight row and 64 contiguous bytes of x: weights are read once, 16 bytes
- * at a time. Warps of a block split k; their partial sums are added in shared memory in a fixed order
- * (deterministic). Dequantizing costs more issue slots than anything else here, so a byte (two codes)
- * becomes two weights with one lookup of a 256-entry pair table: for float16 the pair is float32 and is
- * scaled in float32 then rounded once (exactly qckpt_dequantize_4bit's values); for bfloat16 the pair is
- * already bfloat16 and one bf16x2 multiply by the bf16 scale finishes it (two extra roundings, within
- * bf16 noise). The bfloat16 pairs come from shared memory, from byte permutes of table planes held in
- * registers, or half from each (LutMode): the same values either way. Tested against dequantize +
- * matmul (tests/test_cuda_kernels.py). */
+/* gemm4.cuh -- what the fused 4-bit matmuls share: mma.m16n8k16 and pair packing, block-scale loads, and the
+ * code lookups of the tiled (gemm4_tiled.cuh) and Hopper (gemm4_tma.cuh) kernels. A byte (two codes) becomes
+ * two weights with one lookup of a 256-entry pair table: for float16 the pair is float32 and is scaled in
+ * float32 then rounded once (exactly qckpt_dequantize_4bit's values); for bfloat16 the pair is already
+ * bfloat16 and one bf16x2 multiply by the bf16 scale finishes it (two extra roundings, within bf16 noise).
+ * The bfloat16 pairs come from shared memory, from byte permutes of table planes held in registers, or half
+ * from each (LutMode): the same values either way. The decode kernel (gemv4.cuh) has its own lookup. */
 #ifndef QCKPT_CUDA_GEMM4_CUH
 #define QCKPT_CUDA_GEMM4_CUH
 
@@ -56,51 +46,6 @@ __device__ __forceinline__ void load_raw_scale(const Scales &scales, int64_t b, 
         raw = __ldg(scales.absmax2 + (b >> scales.log2_bs2));
         code_index = __ldg(scales.codes + b);
     }
-}
-
-/* One lane's operands for one 128-wide k step: x for batch rows nt*8 + g, weights for rows g and g+8
- * of each 16-row tile. */
-template <int NT, int R>
-struct GemmFrag {
-    uint4 x[NT][4];
-    uint4 w[R][2];
-    /* raw scale inputs, combined only in gemm_compute: a lookup here would wait for its load and
-     * stall the prefetch (plain scales: absmax in `scale`; nested: code index and absmax2) */
-    float scale[R][2];
-    uint32_t code_index[R][2];
-};
-
-template <typename T, int NT, int R>
-__device__ __forceinline__ void gemm_load(GemmFrag<NT, R> &f, const T *__restrict__ x, int batch,
-                                          const uint8_t *__restrict__ packed, const Scales &scales,
-                                          const float *code, int64_t n_out, int64_t k, int log2_bs, int64_t n0,
-                                          int64_t step, int g, int t) {
-    const int64_t kb = step * 128 + 32 * t;
-    const bool kin = kb < k;
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
-        const int b = nt * 8 + g;
-        const bool ok = kin && b < batch;
-        const uint4 *p = reinterpret_cast<const uint4 *>(x + b * k + kb);
-#pragma unroll
-        for (int q = 0; q < 4; q++) f.x[nt][q] = ok ? __ldg(p + q) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int64_t n = n0 + r * 16 + h * 8 + g;
-            if (kin && n < n_out) {
-                const int64_t flat = n * k + kb;
-                const int64_t b = flat >> log2_bs;
-                f.w[r][h] = __ldg(reinterpret_cast<const uint4 *>(packed + (flat >> 1)));
-                load_raw_scale(scales, b, f.scale[r][h], f.code_index[r][h]);
-            } else { /* finite weights: past k, x is zero; past n_out, the row is not stored */
-                f.w[r][h] = make_uint4(0, 0, 0, 0);
-                f.scale[r][h] = 0.0f;
-                f.code_index[r][h] = 0;
-            }
-        }
 }
 
 /* Shared tables of the kernel: byte -> dequantized pair before scaling. */
@@ -244,43 +189,8 @@ __device__ __forceinline__ float raw_block_scale(const Scales &scales, const flo
     return scales.absmax ? raw : __fadd_rn(__fmul_rn(code[code_index], raw), scales.offset);
 }
 
-template <typename T, int NT, int R, int LUT>
-__device__ __forceinline__ void gemm_compute(const GemmFrag<NT, R> &f, const Lut4 &tab, const Scales &scales,
-                                             const float *code, float (&acc)[R][NT][4]) {
-    PairDequant<T> deq[R][2];
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) /* outside the weight: finite, and multiplied by zero x or discarded */
-            deq[r][h] = PairDequant<T>(raw_block_scale(scales, code, f.scale[r][h], f.code_index[r][h]));
-#pragma unroll
-    for (int jw = 0; jw < 4; jw++) {
-        /* word jw of each row's 16 bytes feeds k16 steps j = 2jw (bytes 0, 1) and 2jw + 1 (bytes 2, 3) */
-        uint32_t p[R][2][4];
-#pragma unroll
-        for (int r = 0; r < R; r++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-                deq[r][h].word(tab, reinterpret_cast<const uint32_t *>(&f.w[r][h])[jw], p[r][h], lut_kind(LUT, h));
-#pragma unroll
-        for (int j2 = 0; j2 < 2; j2++) {
-            const int j = 2 * jw + j2;
-#pragma unroll
-            for (int r = 0; r < R; r++) {
-                const uint32_t a[4] = {p[r][0][2 * j2], p[r][1][2 * j2], p[r][0][2 * j2 + 1], p[r][1][2 * j2 + 1]};
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const uint32_t *xw = reinterpret_cast<const uint32_t *>(f.x[nt]);
-                    mma16816<T>(acc[r][nt], a, xw[2 * j], xw[2 * j + 1]);
-                }
-            }
-        }
-    }
-}
-
-/* Fills the decode kernel's tables (lookups, and the nested code book when scales are nested) and waits
- * for the whole block. Called after the first loads are issued: a block only lives for a few steps, and
- * its loads need no table. */
+/* Fills a kernel's tables (lookups, and the nested code book when scales are nested) and waits for the
+ * whole block. Callers issue their first loads before: those need no table. */
 template <typename T, int LUT>
 __device__ __forceinline__ Lut4 gemm_tables(PairTable &pairs, uint32_t *lane_pairs, float *code, const Scales &scales,
                                             int quant_type) {
@@ -289,79 +199,6 @@ __device__ __forceinline__ Lut4 gemm_tables(PairTable &pairs, uint32_t *lane_pai
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = scales.code[i];
     __syncthreads();
     return tab;
-}
-
-/* W warps split k; DEPTH steps of loads stay in flight ahead of the one being computed; MINB blocks
- * per multiprocessor bound the registers; LUT: where bfloat16 codes are looked up (LutMode). */
-template <typename T, int NT, int R, int W, int DEPTH, int MINB, int LUT = kLutDefault>
-__global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_kernel(const T *__restrict__ x, int batch,
-                                                                    const uint8_t *__restrict__ packed, Scales scales,
-                                                                    int64_t n_out, int64_t k, int log2_bs,
-                                                                    int quant_type, T *__restrict__ y) {
-    static_assert(DEPTH >= 1 && DEPTH <= 3, "the register ring holds one to three steps ahead");
-    __shared__ PairTable pairs;
-    __shared__ __align__(16) uint32_t lane_pairs[uses_lane_table(LUT) ? kLaneTableWords : 4];
-    __shared__ float code[256];
-    __shared__ float red[W][R][NT][4][32];
-
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int64_t n0 = int64_t(blockIdx.x) * 16 * R, steps = ceil_div(k, 128);
-    float acc[R][NT][4] = {};
-
-    if constexpr (DEPTH == 1) {
-        /* one step ahead: `cur = next` waits for a load issued before this step's compute, which is the
-         * overlap wanted (an unrolled ring of two needs more registers and spills at 16 rows) */
-        GemmFrag<NT, R> cur, next;
-        if (warp < steps) gemm_load<T, NT, R>(cur, x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp, g, t);
-        const Lut4 tab = gemm_tables<T, LUT>(pairs, lane_pairs, code, scales, quant_type);
-        for (int64_t s = warp; s < steps; s += W) {
-            if (s + W < steps)
-                gemm_load<T, NT, R>(next, x, batch, packed, scales, code, n_out, k, log2_bs, n0, s + W, g, t);
-            gemm_compute<T, NT, R, LUT>(cur, tab, scales, code, acc);
-            cur = next;
-        }
-    } else {
-        /* DEPTH steps ahead: a ring of DEPTH + 1 slots that turns once per DEPTH + 1 steps, the slot loop
-         * unrolled so every slot index is a constant. Rotating named buffers (cur = n1; n1 = n2) made the
-         * compiler copy registers whose loads were still in flight, and each copy waited for its load: one
-         * step stayed in flight, not DEPTH. */
-        constexpr int kSlots = DEPTH + 1;
-        GemmFrag<NT, R> ring[kSlots];
-#pragma unroll
-        for (int d = 0; d < DEPTH; d++)
-            if (warp + d * W < steps)
-                gemm_load<T, NT, R>(ring[d], x, batch, packed, scales, code, n_out, k, log2_bs, n0, warp + d * W,
-                                    g, t);
-        const Lut4 tab = gemm_tables<T, LUT>(pairs, lane_pairs, code, scales, quant_type);
-        for (int64_t base = warp; base < steps; base += kSlots * W) {
-#pragma unroll
-            for (int d = 0; d < kSlots; d++) {
-                const int64_t s = base + d * W;
-                if (s >= steps) break;
-                if (s + DEPTH * W < steps)
-                    gemm_load<T, NT, R>(ring[(d + DEPTH) % kSlots], x, batch, packed, scales, code, n_out, k,
-                                        log2_bs, n0, s + DEPTH * W, g, t);
-                gemm_compute<T, NT, R, LUT>(ring[d], tab, scales, code, acc);
-            }
-        }
-    }
-
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int q = 0; q < 4; q++) red[warp][r][nt][q][lane] = acc[r][nt][q];
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < R * NT * 4 * 32; idx += blockDim.x) {
-        const int ln = idx & 31, q = (idx >> 5) & 3, nt = (idx >> 7) % NT, r = (idx >> 7) / NT;
-        float sum = 0.0f;
-#pragma unroll
-        for (int w = 0; w < W; w++) sum = __fadd_rn(sum, red[w][r][nt][q][ln]);
-        const int64_t row = n0 + r * 16 + (ln >> 2) + (q >= 2 ? 8 : 0);
-        const int col = nt * 8 + 2 * (ln & 3) + (q & 1);
-        if (row < n_out && col < batch) y[int64_t(col) * n_out + row] = from_f32<T>(sum);
-    }
 }
 
 }  // namespace qk
