@@ -9,25 +9,33 @@
 
 namespace {
 
-/* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode measured fastest on an H100 for
- * the Llama-8B MLP shapes (scripts/BENCHMARKS.md): 8 warps splitting k, two blocks per multiprocessor
- * walking over the row tiles; up to 8 rows one batch tile and two steps of loads in flight, 9..16 rows two
- * batch tiles (twice the x registers) and one step. */
+/* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode measured fastest on an H100 and an
+ * H200 for the Llama-8B MLP shapes (scripts/BENCHMARKS.md). With many rows (at least two 32-row tiles per
+ * block slot: n_out >= 64 x SMs) a warp takes two row tiles, so each of its steps has twice the loads in
+ * flight; otherwise one. Two batch tiles (9..16 rows) need twice the x registers: one step of loads in flight. */
 template <typename T, bool POST>
 cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,
                           int64_t k, int log2_bs, int qt, void *y, cudaStream_t s) {
     using namespace qk;
     const T *xt = static_cast<const T *>(x);
     T *yt = static_cast<T *>(y);
-    constexpr int kBlocksPerSm = 2;
+    const int64_t sms = sm_count();
+    const bool many_rows = ceil_div(n_out, 32) >= 2 * sms;
+    const auto grid = [&](int rows_per_warp, int blocks_per_sm) {
+        return std::min<int64_t>(ceil_div(n_out, 16 * rows_per_warp), sms * blocks_per_sm);
+    };
     if (batch > 8) {
-        const int64_t grid = std::min<int64_t>(ceil_div(n_out, 16), int64_t(sm_count()) * kBlocksPerSm);
-        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, kBlocksPerSm, POST>(xt, batch, packed, sc, n_out, k, log2_bs,
-                                                                         qt, yt, grid, s);
+        if (many_rows)
+            return launch_gemm_4bit_decode<T, 2, 2, 4, 1, 3, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
+                                                                  grid(2, 3), s);
+        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
+                                                              grid(1, 2), s);
     }
-    const int64_t grid = std::min<int64_t>(ceil_div(n_out, 16), int64_t(sm_count()) * kBlocksPerSm);
-    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, kBlocksPerSm, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt,
-                                                                     yt, grid, s);
+    if (many_rows)
+        return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
+                                                              grid(2, 2), s);
+    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
+                                                          grid(1, 2), s);
 }
 
 template <typename T>

@@ -17,8 +17,8 @@ using TmaSmall = WgmmaShape<32, 2, 1, 8>;
 using TmaMedium = WgmmaShape<64, 2, 1, 6>;
 using TmaLarge = WgmmaShape<128, 2, 1, 8>;
 
-/* the expand kernel's grid has one row per 32 blocks of k */
-bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kExpandTile) > 65535; }
+/* the expand kernel's grid has one row per kExpandRows blocks of k (at most 4 * kExpandRows) */
+bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kExpandRows) > 65535; }
 
 int tile_rows(int64_t batch) { return batch <= 32 ? TmaSmall::BN : batch <= 64 ? TmaMedium::BN : TmaLarge::BN; }
 
@@ -78,9 +78,7 @@ int64_t tma_scales_bytes(int64_t n_out, int64_t k, int log2_bs) { return (k >> l
 
 cudaError_t tma_expand_scales(const Scales &scales, int64_t n_out, int64_t k, int log2_bs, float *out, cudaStream_t s) {
     if (grid_too_tall(k >> log2_bs)) return cudaErrorInvalidValue;
-    const dim3 grid((unsigned)ceil_div(n_out, kExpandTile), (unsigned)ceil_div(k >> log2_bs, kExpandTile));
-    expand_scales_kernel<<<grid, dim3(kExpandTile, kExpandRows), 0, s>>>(scales, n_out, k, log2_bs, scale_ld(n_out), out);
-    return cudaGetLastError();
+    return launch_expand_scales(scales, n_out, k, log2_bs, scale_ld(n_out), out, s);
 }
 
 cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *packed, const Scales &scales,

@@ -6,7 +6,7 @@
  *   nvcc -O3 -std=c++17 -fmad=false -gencode=arch=compute_90a,code=sm_90a -I native/include -I native/cuda \
  *        scripts/cuda_tune/gemm4_sweep.cu native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
  *
- * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wgmma, --tma, --lut,
+ * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wgmma, --tma, --expand, --lut,
  * --profile, --quick)
  *
  * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
@@ -102,8 +102,7 @@ static Problem make_problem(int64_t n_out, int64_t k) {
     CK(cudaMemcpy(p.code, code.data(), 256 * 4, cudaMemcpyHostToDevice));
     for (int c = 0; c < kRotate; c++) {
         CK(cudaMalloc(&p.expanded[c], nb * 4));
-        expand_scales_kernel<<<dim3(ceil_div(n_out, kExpandTile), ceil_div(nb / n_out, kExpandTile)), dim3(kExpandTile, kExpandRows)>>>(
-            p.scales(c), n_out, k, 6, n_out, p.expanded[c]);
+        CK(launch_expand_scales(p.scales(c), n_out, k, 6, n_out, p.expanded[c], 0));
     }
     CK(cudaMalloc(&p.x, kMaxBatch * k * 2));
     fill_bf16<<<1024, 256>>>(p.x, kMaxBatch * k, 7);
@@ -312,6 +311,19 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
+    /* --expand: the scale expansion alone (expand_scales_kernel), per weight copy */
+    if (argc > 1 && !strcmp(argv[1], "--expand")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            const float us = time_us([&](int c) {
+                CK(launch_expand_scales(p.scales(c), p.n_out, p.k, 6, p.n_out, p.expanded[c], 0));
+            }, kRotate);
+            printf("expand %5lldx%-5lld %8.2f us %7.1f GB/s\n", (long long)p.n_out, (long long)p.k, us,
+                   (p.n_out * p.k / kBS * 5.0) / us / 1e3);
+            free_problem(p);
+        }
+        return 0;
+    }
     /* --tma-quick: one prefill (128 rows) and one decode (1 row) launch of the TMA kernel per shape */
     if (argc > 1 && !strcmp(argv[1], "--tma-quick")) {
         for (auto &shape : shapes) {
@@ -363,6 +375,8 @@ int main(int argc, char **argv) {
             Problem p = make_problem(shape[0], shape[1]);
             for (int batch : {1, 8}) {
                 sweep_decode<1, 1, 4, 2, 3>(p, batch, sms, 0);
+                sweep_decode<1, 1, 4, 2, 4>(p, batch, sms, 4);
+                sweep_decode<1, 1, 4, 1, 4>(p, batch, sms, 4);
                 sweep_decode<1, 1, 4, 2, 3>(p, batch, sms, 3);
                 sweep_decode<1, 1, 4, 2, 3, false>(p, batch, sms, 3);
                 sweep_decode<1, 1, 4, 3, 3>(p, batch, sms, 3);
@@ -371,9 +385,13 @@ int main(int argc, char **argv) {
                 sweep_decode<1, 1, 8, 3, 2>(p, batch, sms, 2);
                 sweep_decode<1, 1, 16, 2, 1>(p, batch, sms, 1);
                 sweep_decode<1, 1, 16, 1, 1>(p, batch, sms, 1);
+                sweep_decode<1, 2, 4, 1, 3>(p, batch, sms, 3);
+                sweep_decode<1, 2, 8, 1, 2>(p, batch, sms, 2);
+                sweep_decode<1, 2, 4, 2, 3>(p, batch, sms, 3);
             }
             for (int batch : {16}) {
                 sweep_decode<2, 1, 4, 1, 3>(p, batch, sms, 0);
+                sweep_decode<2, 1, 4, 1, 4>(p, batch, sms, 4);
                 sweep_decode<2, 1, 4, 1, 3>(p, batch, sms, 3);
                 sweep_decode<2, 1, 4, 2, 3>(p, batch, sms, 3);
                 sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2);
