@@ -27,16 +27,18 @@ def test_cuda_module_imports_without_gpu_or_extension():
     from converter.kernels import cuda
 
     assert isinstance(cuda.available(), bool)
-    assert cuda.fused_supported(1, 4096, torch.bfloat16)
-    assert cuda.fused_supported(16, 4128, torch.float16)  # decode kernel: K % 32
-    assert cuda.fused_supported(17, 4096, torch.bfloat16) and cuda.fused_supported(128, 64, torch.bfloat16)
-    assert not cuda.fused_supported(17, 4128, torch.bfloat16)  # prefill kernel: K % 64
-    assert not cuda.fused_supported(129, 4096, torch.bfloat16)
-    assert not cuda.fused_supported(0, 4096, torch.bfloat16)
-    assert not cuda.fused_supported(1, 4100, torch.bfloat16)
-    assert not cuda.fused_supported(1, 4096, torch.float32)
-    assert not cuda.fused_supported(1, 2**20, torch.bfloat16, 2**20)  # decode positions need n_out * k < 2^36
-    assert cuda.fused_supported(17, 2**20, torch.bfloat16, 2**20)
+    assert cuda.fused_supported(1, 14336, 4096, torch.bfloat16)
+    assert cuda.fused_supported(16, 333, 4128, torch.float16)  # decode kernel: K % 32
+    assert cuda.fused_supported(17, 333, 4096, torch.bfloat16) and cuda.fused_supported(128, 333, 64, torch.bfloat16)
+    assert not cuda.fused_supported(17, 333, 4128, torch.bfloat16)  # prefill kernel: K % 64
+    assert not cuda.fused_supported(129, 333, 4096, torch.bfloat16)
+    assert not cuda.fused_supported(0, 333, 4096, torch.bfloat16)
+    assert not cuda.fused_supported(1, 333, 4100, torch.bfloat16)
+    assert not cuda.fused_supported(1, 333, 4096, torch.float32)
+    assert not cuda.fused_supported(1, 2**16, 2**20, torch.bfloat16)  # decode positions need n_out * k < 2^36
+    assert cuda.fused_supported(1, 2**16 - 1, 2**20, torch.bfloat16)
+    assert not cuda.fused_supported(1, 1, 2**31, torch.bfloat16)  # and k < 2^31
+    assert cuda.fused_supported(17, 2**20, 2**20, torch.bfloat16)
 
 
 def test_cuda_cdef_parses_header():

@@ -378,13 +378,13 @@ def _dequantize_torch(qt: QuantizedTensor, dtype) -> torch.Tensor:
 
 # ----- 4-bit matmul -----
 
-def fused_supported(rows: int, k: int, dtype: torch.dtype, n_out: int = 1) -> bool:
-    """Whether fused_gemm_4bit takes these activations for an (n_out, k) weight (else gemm_4bit dequantizes and
+def fused_supported(rows: int, n_out: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether fused_gemm_4bit takes `rows` activations for an (n_out, k) weight (else gemm_4bit dequantizes and
     calls cuBLAS). The decode kernel counts positions in 32-bit units of 16 elements: n_out * k < 2^36."""
     if dtype not in (torch.bfloat16, torch.float16) or not 1 <= rows <= FUSED_MAX_ROWS:
         return False
     if rows <= DECODE_MAX_ROWS:
-        return k % 32 == 0 and n_out * (k // 16) < 2**32
+        return k % 32 == 0 and k < 2**31 and n_out < 2**31 and n_out * (k // 16) < 2**32
     return k % 64 == 0
 
 
@@ -539,7 +539,7 @@ def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     device = x.device
     x = _device_contiguous(x.reshape(-1, k), device)
     rows = x.shape[0]
-    if not fused_supported(rows, k, x.dtype, n_out):
+    if not fused_supported(rows, n_out, k, x.dtype):
         raise QuantizationInputError(f"fused 4-bit matmul needs bf16/fp16 activations and 1..{DECODE_MAX_ROWS} rows "
                                      f"with K % 32 == 0 (N * K < 2^36) or {DECODE_MAX_ROWS + 1}..{FUSED_MAX_ROWS} rows "
                                      f"with K % 64 == 0, got {rows} rows of {x.dtype}, N={n_out}, K={k}")
@@ -567,7 +567,7 @@ def gemm_4bit(x: torch.Tensor, weight: QuantizedTensor, bias: torch.Tensor | Non
     """
     n_out, k = weight.shape
     rows = x.numel() // k if k else 0
-    if available() and fused_supported(rows, k, x.dtype, n_out):
+    if available() and fused_supported(rows, n_out, k, x.dtype):
         y = fused_gemm_4bit(x, weight)
     else:
         out = None if workspace is None else workspace.reshape(-1)[: n_out * k]

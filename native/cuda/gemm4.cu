@@ -10,8 +10,8 @@
 namespace {
 
 /* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode measured fastest on an H100 and an
- * H200 for the Llama-8B MLP shapes (scripts/BENCHMARKS.md). With many rows (at least two 32-row tiles per
- * block slot: n_out >= 64 x SMs) a warp takes two row tiles, so each of its steps has twice the loads in
+ * H200 for the Llama-8B MLP shapes (scripts/BENCHMARKS.md). With many rows (n_out >= 64 x SMs: two 32-row
+ * tiles or more per multiprocessor) a warp takes two row tiles, so each of its steps has twice the loads in
  * flight; otherwise one. Two batch tiles (9..16 rows) need twice the x registers: one step of loads in flight. */
 template <typename T, bool POST>
 cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,

@@ -17,7 +17,8 @@ using TmaSmall = WgmmaShape<32, 2, 1, 8>;
 using TmaMedium = WgmmaShape<64, 2, 1, 6>;
 using TmaLarge = WgmmaShape<128, 2, 1, 8>;
 
-/* the expand kernel's grid has one row per kExpandRows blocks of k (at most 4 * kExpandRows) */
+/* a row of the expand kernel's grid covers JB x kExpandRows blocks of k (JB 4 or 1): this checks JB = 1,
+ * the tallest grid, so that launch_expand_scales never refuses a shape this accepts */
 bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kExpandRows) > 65535; }
 
 int tile_rows(int64_t batch) { return batch <= 32 ? TmaSmall::BN : batch <= 64 ? TmaMedium::BN : TmaLarge::BN; }

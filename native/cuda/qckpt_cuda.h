@@ -88,9 +88,11 @@ qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *sc
 
 /* Fused 4-bit dequantize + matmul:
  *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out), x and y in `dtype` (QCKPT_BF16 or QCKPT_F16).
- * Weights are dequantized as qckpt_dequantize_4bit does, rounded to `dtype` and multiplied on the tensor
- * cores with float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs
- * k % 32 == 0) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0), which may split k and
+ * The prefill kernel dequantizes weights as qckpt_dequantize_4bit does and rounds them to `dtype`; the
+ * decode kernel multiplies the code values rounded to `dtype` and applies each block's float32 scale to
+ * their sums (blocksize 32 or k % 64 == 32: the scaled weights, rounded). Products on the tensor cores with
+ * float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs k % 32 == 0 and
+ * n_out * k < 2^36) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0), which may split k and
  * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes; its counters must be zero
  * before first use and every call leaves them zero, so one zero-filled workspace serves all later calls
  * issued on one stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs

@@ -298,13 +298,15 @@ int main(int argc, char **argv) {
                     sweep_wgmma<WgmmaShape<16, 2, 1, 5>, kLutRegs, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<16, 2, 1, 7>, kLutRegs, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<16, 2, 1, 5, 128>, kLutLane, 2>(p, batch, sms);
-                    sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2); /* the library's decode launch */
+                    sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2); /* the library's decode launches */
+                    sweep_decode<2, 2, 4, 1, 3>(p, batch, sms, 3);
                 } else {
                     sweep_wgmma<WgmmaShape<8, 2, 1, 5>, kLutLane, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<8, 2, 1, 5>, kLutRegs, 4>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<8, 2, 1, 7>, kLutRegs, 3>(p, batch, sms);
                     sweep_wgmma<WgmmaShape<8, 2, 1, 5, 128>, kLutLane, 2>(p, batch, sms);
                     sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
+                    sweep_decode<1, 2, 8, 1, 2>(p, batch, sms, 2);
                 }
             }
             free_problem(p);
@@ -362,6 +364,7 @@ int main(int argc, char **argv) {
                     sweep_tma<WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p, batch, sms);
                     sweep_tma<WgmmaShape<8, 2, 1, 10>, kLutRegs, 2>(p, batch, sms);
                     sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
+                    sweep_decode<1, 2, 8, 1, 2>(p, batch, sms, 2);
                 }
             }
             free_problem(p);

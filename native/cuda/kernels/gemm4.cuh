@@ -55,8 +55,8 @@ struct PairTable {
 };
 
 /* Where the bfloat16 path looks codes up. The shared pair table costs one shared load per byte, and 32
- * random bytes hit the same bank ~3 times per access (the L1/shared pipe was 80% busy at batch 1); the
- * registers cost ~21 integer ops per 8 codes (the ALU pipe was 57% busy). Mixed splits a lane's rows
+ * random bytes hit the same bank ~3 times per access (in the old decode kernel at batch 1 the L1/shared
+ * pipe was 80% busy); the registers cost ~21 integer ops per 8 codes (its ALU pipe was 57% busy). Mixed splits a lane's rows
  * between them so that both pipes share the work. */
 enum LutMode { kLutShared = 0, kLutRegs = 1, kLutMixed = 2, kLutLane = 3 };
 constexpr int kLutDefault = kLutMixed;
@@ -79,8 +79,8 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 
 /* The 16 table values as bfloat16, split into byte planes held in registers: lo[i] holds the low bytes
  * of values 4i..4i+3, hi[i] their high bytes. Why registers: a shared-memory pair table costs one lookup
- * per packed byte, and random bytes from 32 lanes hit the same bank ~3 times per access -- at batch 1 that
- * kept the L1/shared pipe 80% busy. Byte permutes (prmt) do the lookup in the ALUs instead. */
+ * per packed byte, and random bytes from 32 lanes hit the same bank ~3 times per access -- in the old decode
+ * kernel at batch 1 that kept the L1/shared pipe 80% busy. Byte permutes (prmt) do the lookup in the ALUs. */
 struct RegLut {
     uint32_t lo[4], hi[4];
 };

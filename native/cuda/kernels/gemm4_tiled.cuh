@@ -10,7 +10,7 @@
  * Tiles: a block computes BN = WN*NT16*16 outputs x BM = WM*MT*8 batch rows over k-tiles of 64. x tiles
  * stream into shared memory through a STAGES-deep cp.async ring (16-byte chunks, XOR-swizzled by row so
  * that the 16-byte B-fragment loads of a quarter warp hit distinct banks). W never goes through shared
- * memory: as in gemm4.cuh, logical k of the mma is remapped to physical k so that lane (g, t) owns the
+ * memory: as in gemv4.cuh, logical k of the mma is remapped to physical k so that lane (g, t) owns the
  * contiguous k range [16t, 16t + 16) of a k-tile for both operands -- 8 packed bytes per weight row, read
  * straight from global memory two k-tiles ahead, and one 16-byte x load per batch tile for two k16 steps.
  * A warp dequantizes its NT16 row tiles once per k-tile and reuses them for its MT batch tiles.

@@ -8,20 +8,19 @@
  * [16t, 16t + 16) of its rows and feeds 4 of them to each of the chunk's 4 mmas. So each mma sums 16 k of
  * one 64-aligned chunk, and when a chunk lies inside one quantization block (blocksize >= 64, k % 64 == 0:
  * "post-scaled") the block scale multiplies the chunk's float32 sums once per output (4 FFMAs a lane) instead
- * of every weight: the tensor cores multiply unscaled code values. Otherwise (blocksize 32, k % 64 == 32)
+ * of every weight: the tensor cores multiply unscaled code values. Otherwise (blocksize 32 or k % 64 == 32)
  * each lane scales its own pairs first ("pre-scaled"; a lane's 16 k never straddle a block).
  *
  * Dequantizing costs more issue slots than anything else here, so a packed byte (two codes) becomes its pair
- * of values with three instructions: a byte permute (PRMT) extracts it, one LEA makes the address, one
- * 32-bit shared load reads the pair from the lane table -- a copy of the 256-entry pair table per lane,
+ * of values with three instructions: a byte permute (PRMT) extracts it, one multiply-add makes the address,
+ * one 32-bit shared load reads the pair from the lane table -- a copy of the 256-entry pair table per lane,
  * entry `byte` of lane l at word 32 * byte + l, so every lane reads its own bank (random bytes from one
  * shared table hit a bank ~3.5 times per access). 32 KiB a block.
  *
  * Warps of a block split k; their partial sums are added in shared memory in a fixed order
  * (deterministic). A block takes a contiguous share of the row tiles and fills its table once; each warp's
  * loads run ahead through tile boundaries, so a grid of a few blocks per multiprocessor streams the weights
- * without draining between tiles. Tested against
- * dequantize + float64 matmul (tests/test_cuda_kernels.py). */
+ * without draining between tiles. Tested against dequantize + float64 matmul (tests/test_cuda_kernels.py). */
 #ifndef QCKPT_CUDA_GEMV4_CUH
 #define QCKPT_CUDA_GEMV4_CUH
 
@@ -29,9 +28,9 @@
 
 namespace qk {
 
-constexpr int kLaneTableBytes = 256 * 32 * 4; /* dynamic shared memory of the decode kernel */
+constexpr int kLaneTableBytes = kLaneTableWords * 4; /* dynamic shared memory of the decode kernel */
 
-/* The decode kernel's tables: the lane table of unscaled pairs (T2: bf16x2 or f16x2, first code in the
+/* The decode kernel's tables: the lane table of unscaled pairs (bf16x2 or f16x2 as T, first code in the
  * low half) and, when the scales are nested, the 256-entry code book. The caller synchronizes. */
 template <typename T>
 __device__ __forceinline__ void fill_decode_tables(uint32_t *lane_table, float *code, const Scales &scales,
@@ -47,8 +46,8 @@ __device__ __forceinline__ void fill_decode_tables(uint32_t *lane_table, float *
 }
 
 /* The unscaled pair of byte Q of `word` from this lane's column of the lane table; lane_base: the table's
- * shared-window address plus lane * 4. Written as a 32-bit shared load so that the address is one LEA
- * (byte << 7) + lane_base: indexing the array made the compiler scale twice (two IMADs). */
+ * shared-window address plus lane * 4. Written as a 32-bit shared load so that the address is one IMAD,
+ * byte * 128 + lane_base: indexing the array made the compiler scale twice (two IMADs). */
 template <int Q>
 __device__ __forceinline__ uint32_t lane_lookup(uint32_t lane_base, uint32_t word) {
     const uint32_t byte = prmt(word, 0, 0x4440u | Q); /* byte Q of word, zero-extended */
@@ -85,7 +84,8 @@ struct DecodeFrag {
  * the launcher checks that n_out * k / 16 fits), so that an address is one wide multiply-add and a block
  * index one shift: 64-bit flat indices cost ~35 instructions per load. Rows past n_out read the last row
  * (their outputs are not stored), so only steps that reach past k need predicates: those take a second copy
- * of the loads with zeros for x and the scales (a uniform branch; zero scales keep the sums finite). */
+ * of the loads (a uniform branch) that puts zeros in x, the bytes and the raw scale inputs: with x zero they
+ * add exactly zero. */
 template <typename T, int NT, int R, bool NESTED, bool FULL>
 __device__ __forceinline__ void decode_load_step(DecodeFrag<NT, R> &f, const T *const (&x_rows)[NT],
                                                  const uint8_t *__restrict__ packed, const Scales &scales,
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_decode_kernel(const T 
                                                                            T *__restrict__ y) {
     static_assert(DEPTH >= 1 && DEPTH <= 3, "the register ring holds one to three steps ahead");
     extern __shared__ __align__(16) uint32_t lane_table[];
-    __shared__ float code[256];
+    __shared__ float code[NESTED ? 256 : 1];
     __shared__ float red[W][R][NT][4][32];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -267,15 +267,38 @@ __host__ __device__ inline bool decode_fits(int64_t n_out, int64_t k) {
     return n_out < (int64_t(1) << 31) && k < (int64_t(1) << 31) && n_out * (k / 16) < (int64_t(1) << 32);
 }
 
-/* Launch one instantiation on `s` over `grid` blocks (each takes a contiguous share of the row tiles);
- * decode_fits(n_out, k) must hold. */
+/* Blocks of `kernel` that fit on one multiprocessor of the current device at once, asked once per device
+ * (after opting in to its shared memory, which only matters above 48 KiB). */
+template <typename Kernel>
+cudaError_t resident_blocks(Kernel kernel, int threads, int smem_bytes, int *blocks) {
+    static int known[64] = {}; /* per device; writers agree on the value */
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    if (dev < 64 && known[dev] > 0) {
+        *blocks = known[dev];
+        return cudaSuccess;
+    }
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, threads, smem_bytes);
+    if (err != cudaSuccess) return err;
+    if (*blocks < 1) *blocks = 1;
+    if (dev < 64) known[dev] = *blocks;
+    return cudaSuccess;
+}
+
+/* Launch one instantiation on `s` over `grid` blocks (each takes a contiguous share of the row tiles), at
+ * most as many as fit on the device at once (a second wave would wait for whole shares: on a GPU with less
+ * shared memory than an H100, MINB blocks may not fit); decode_fits(n_out, k) must hold. */
 template <typename T, int NT, int R, int W, int DEPTH, int MINB, bool POST>
 cudaError_t launch_gemm_4bit_decode(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                     int64_t k, int log2_bs, int qt, T *y, int64_t grid, cudaStream_t s) {
     auto kernel = sc.absmax ? gemm_4bit_decode_kernel<T, NT, R, W, DEPTH, MINB, POST, false>
                             : gemm_4bit_decode_kernel<T, NT, R, W, DEPTH, MINB, POST, true>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLaneTableBytes);
+    int fit = 0;
+    const cudaError_t err = resident_blocks(kernel, W * 32, kLaneTableBytes, &fit);
     if (err != cudaSuccess) return err;
+    grid = std::min<int64_t>(grid, int64_t(sm_count()) * fit);
     kernel<<<(unsigned)grid, W * 32, kLaneTableBytes, s>>>(x, batch, packed, sc, uint32_t(n_out), uint32_t(k),
                                                             log2_bs, qt, y);
     return cudaGetLastError();
