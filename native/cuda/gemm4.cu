@@ -19,23 +19,17 @@ cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const
     using namespace qk;
     const T *xt = static_cast<const T *>(x);
     T *yt = static_cast<T *>(y);
-    const int64_t sms = sm_count();
-    const bool many_rows = ceil_div(n_out, 32) >= 2 * sms;
-    const auto grid = [&](int rows_per_warp, int blocks_per_sm) {
-        return std::min<int64_t>(ceil_div(n_out, 16 * rows_per_warp), sms * blocks_per_sm);
-    };
+    const bool many_rows = ceil_div(n_out, 32) >= 2 * int64_t(sm_count());
+    /* grid 0: one block per row tile, at most the instantiation's blocks per multiprocessor */
     if (batch > 8) {
         if (many_rows)
-            return launch_gemm_4bit_decode<T, 2, 2, 4, 1, 3, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
-                                                                  grid(2, 3), s);
-        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
-                                                              grid(1, 2), s);
+            return launch_gemm_4bit_decode<T, 2, 2, 4, 1, 3, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0,
+                                                                  s);
+        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
     }
     if (many_rows)
-        return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
-                                                              grid(2, 2), s);
-    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
-                                                          grid(1, 2), s);
+        return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
+    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
 }
 
 template <typename T>

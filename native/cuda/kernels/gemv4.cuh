@@ -287,9 +287,10 @@ cudaError_t resident_blocks(Kernel kernel, int threads, int smem_bytes, int *blo
     return cudaSuccess;
 }
 
-/* Launch one instantiation on `s` over `grid` blocks (each takes a contiguous share of the row tiles), at
- * most as many as fit on the device at once (a second wave would wait for whole shares: on a GPU with less
- * shared memory than an H100, MINB blocks may not fit); decode_fits(n_out, k) must hold. */
+/* Launch one instantiation on `s` over `grid` blocks (each takes a contiguous share of the row tiles; 0: one
+ * per row tile, at most MINB per multiprocessor), at most as many as fit on the device at once (a second
+ * wave would wait for whole shares: on a GPU with less shared memory than an H100, MINB blocks may not fit);
+ * decode_fits(n_out, k) must hold. */
 template <typename T, int NT, int R, int W, int DEPTH, int MINB, bool POST>
 cudaError_t launch_gemm_4bit_decode(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                     int64_t k, int log2_bs, int qt, T *y, int64_t grid, cudaStream_t s) {
@@ -298,6 +299,7 @@ cudaError_t launch_gemm_4bit_decode(const T *x, int batch, const uint8_t *packed
     int fit = 0;
     const cudaError_t err = resident_blocks(kernel, W * 32, kLaneTableBytes, &fit);
     if (err != cudaSuccess) return err;
+    if (grid == 0) grid = std::min<int64_t>(ceil_div(n_out, 16 * R), int64_t(sm_count()) * std::min(fit, MINB));
     grid = std::min<int64_t>(grid, int64_t(sm_count()) * fit);
     kernel<<<(unsigned)grid, W * 32, kLaneTableBytes, s>>>(x, batch, packed, sc, uint32_t(n_out), uint32_t(k),
                                                             log2_bs, qt, y);
