@@ -244,11 +244,12 @@ def rel_err(got, want):
 def test_gemm_4bit_fused_matches_reference(dtype, gen):
     """The decode kernel for 1..16 rows (one and two batch tiles; one and two row tiles per warp; short and
     long K; K % 128 != 0, so warps make steps past K; N not a multiple of 16), plain and nested scales,
-    blocksizes 32..256 (post-scaled per 64-wide chunk when blocksize >= 64 and K % 64 == 0, else pre-scaled
-    per lane) is within bf16/fp16 rounding of dequantize + float64 matmul: 1e-2 relative for bf16, 2e-3 for
-    fp16 -- and bit-identical when repeated (fixed reduction order). On a GPU of ~100-140 multiprocessors the
-    N >= 6000 shapes give blocks several row tiles, and those with K >= 1056 give each warp several steps of
-    a tile, so loads run ahead across tile boundaries mid-K."""
+    blocksizes 32..256, in both mappings (wide: 1 row, 3 and 8 rows of the N >= 8500 shapes on an H100, and
+    blocksize 32 or K % 64 == 32; post-scaled per 64-wide chunk: the rest) is within bf16/fp16 rounding of
+    dequantize + float64 matmul: 1e-2 relative for bf16, 2e-3 for fp16 -- and bit-identical when repeated
+    (fixed reduction order). On a GPU of ~100-140 multiprocessors the N >= 6000 shapes give blocks several
+    row tiles, and those with K >= 1056 give each warp several steps of a tile, so loads run ahead across
+    tile boundaries mid-K."""
     shapes = [(333, 4096 + 96), (4096, 14336 // 4), (64, 8192 + 160), (8500, 256), (17000, 64), (40, 96), (16, 32),
               (6000, 1056), (6000, 2048), (17000, 2144)]
     schemes = [(QuantType.NF4, True, 64), (QuantType.FP4, False, 64), (QuantType.NF4, True, 32),
@@ -262,8 +263,9 @@ def test_gemm_4bit_fused_matches_reference(dtype, gen):
                 y = kcuda.gemm_4bit(x, qt)
                 assert y.shape == (rows, n_out) and y.dtype == dtype
                 err = rel_err(y, reference_matmul(x, qt))
-                # the reference rounds each dequantized weight to x.dtype; the kernel multiplies the code values
-                # rounded to x.dtype and applies the float32 scale to the sums (bf16 pre-scaled: a bf16 scale)
+                # the reference rounds each dequantized weight to x.dtype; post-scaled, the kernel multiplies the
+                # code values rounded to x.dtype and applies the float32 scale to the sums; wide, bf16 weights
+                # are code value x bf16 scale rounded to bf16 (float16: exactly the dequantized weights)
                 assert err < (1e-2 if dtype is torch.bfloat16 else 2e-3), (n_out, k, rows, quant_type, bs, err)
                 assert torch.equal(kcuda.gemm_4bit(x, qt).view(torch.int16), y.view(torch.int16))
 

@@ -9,35 +9,40 @@
 
 namespace {
 
-/* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode measured fastest on an H100 and an
- * H200 for the Llama-8B MLP shapes (scripts/BENCHMARKS.md). With many rows (n_out >= 64 x SMs: two 32-row
+/* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode / --wide measured fastest on an
+ * H100 for the Llama-8B MLP shapes (scripts/BENCHMARKS.md). With many rows (n_out >= 64 x SMs: two 32-row
  * tiles or more per multiprocessor) a warp takes two row tiles, so each of its steps has twice the loads in
- * flight; otherwise one. Two batch tiles (9..16 rows) need twice the x registers: one step of loads in flight. */
-template <typename T, bool POST>
+ * flight; otherwise one. Two batch tiles (9..16 rows) need twice the x registers: one step of loads in flight.
+ * The wide mapping (gemv4.cuh) where it measured faster -- one row, or up to 8 with many rows -- and wherever
+ * the post-scaled one does not apply (blocksize 32, k % 64 == 32). */
+/* two 32-row tiles or more per multiprocessor */
+bool decode_many_rows(int64_t n_out) { return qk::ceil_div(n_out, 32) >= 2 * int64_t(qk::sm_count()); }
+
+template <typename T, bool WIDE>
 cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,
                           int64_t k, int log2_bs, int qt, void *y, cudaStream_t s) {
     using namespace qk;
     const T *xt = static_cast<const T *>(x);
     T *yt = static_cast<T *>(y);
-    const bool many_rows = ceil_div(n_out, 32) >= 2 * int64_t(sm_count());
+    const bool many_rows = decode_many_rows(n_out);
     /* grid 0: one block per row tile, at most the instantiation's blocks per multiprocessor */
     if (batch > 8) {
-        if (many_rows)
-            return launch_gemm_4bit_decode<T, 2, 2, 4, 1, 3, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0,
-                                                                  s);
-        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
+        if (many_rows) /* 2 blocks per multiprocessor, not MINB 3: 29.2 against 31.9 us at 14336x4096 */
+            return launch_gemm_4bit_decode<T, 2, 2, 4, 1, 3, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
+                                                                  2 * int64_t(sm_count()), s);
+        return launch_gemm_4bit_decode<T, 2, 1, 8, 1, 2, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
     }
     if (many_rows)
-        return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
-    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, 2, POST>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
+        return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
+    return launch_gemm_4bit_decode<T, 1, 1, 8, 2, 2, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
 }
 
 template <typename T>
 cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,
                           int64_t k, int log2_bs, int qt, void *y, cudaStream_t s) {
-    return qk::decode_post_scaled(k, log2_bs)
-        ? launch_decode<T, true>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s)
-        : launch_decode<T, false>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
+    const bool wide = !qk::decode_post_scaled(k, log2_bs) || batch == 1 || (batch <= 8 && decode_many_rows(n_out));
+    return wide ? launch_decode<T, true>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s)
+                : launch_decode<T, false>(x, batch, packed, sc, n_out, k, log2_bs, qt, y, s);
 }
 
 /* 17+ rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu measured fastest on an H100 for the

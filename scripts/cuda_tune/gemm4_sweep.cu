@@ -6,8 +6,8 @@
  *   nvcc -O3 -std=c++17 -fmad=false -gencode=arch=compute_90a,code=sm_90a -I native/include -I native/cuda \
  *        scripts/cuda_tune/gemm4_sweep.cu native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
  *
- * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wgmma, --tma, --expand, --lut,
- * --profile, --quick)
+ * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wide, --wgmma, --tma,
+ * --expand, --lut, --profile, --profile-decode, --quick)
  *
  * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
  * copies so L2 (50 MB) cannot serve them. Times: median over 7 repetitions of 24 back-to-back launches
@@ -159,13 +159,13 @@ static void report(const char *kind, const std::string &cfg, const Problem &p, i
 
 /* the decode kernel (gemv4.cuh); blocks_per_sm 0: one block per row tile, else a grid of that many blocks
  * per SM walking over the tiles */
-template <int NT, int R, int W, int DEPTH, int MINB, bool POST = true>
+template <int NT, int R, int W, int DEPTH, int MINB, bool WIDE = false>
 static void sweep_decode(Problem &p, int batch, int sms, int blocks_per_sm) {
     if (batch > NT * 8) return;
     const int64_t tiles = ceil_div(p.n_out, 16 * R);
     const int64_t grid = blocks_per_sm ? std::min<int64_t>(tiles, int64_t(sms) * blocks_per_sm) : tiles;
     auto launch = [&](int c) {
-        CK((launch_gemm_4bit_decode<bf16, NT, R, W, DEPTH, MINB, POST>(p.x, batch, p.packed[c], p.scales(c), p.n_out,
+        CK((launch_gemm_4bit_decode<bf16, NT, R, W, DEPTH, MINB, WIDE>(p.x, batch, p.packed[c], p.scales(c), p.n_out,
                                                                        p.k, 6, QCKPT_NF4, p.y, grid, 0)));
     };
     CK(cudaMemset(p.y, 0, size_t(batch) * p.n_out * 2));
@@ -173,7 +173,7 @@ static void sweep_decode(Problem &p, int batch, int sms, int blocks_per_sm) {
     CK(cudaDeviceSynchronize());
     const double err = rel_error(p, batch);
     char cfg[64];
-    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d %s g%d", NT, R, W, DEPTH, MINB, POST ? "post" : "pre",
+    snprintf(cfg, sizeof cfg, "NT%d R%d W%d D%d MINB%d %s g%d", NT, R, W, DEPTH, MINB, WIDE ? "wide" : "post",
              blocks_per_sm);
     report("decode", cfg, p, batch, 1, time_us(launch, kRotate), err);
 }
@@ -261,6 +261,20 @@ int main(int argc, char **argv) {
                                                                           p.workspace, 0)));
         CK((launch_gemm_4bit_tma<bf16, WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p.x, 1, p.packed[3], p.expanded[3], p.n_out, p.scales(3), p.n_out,
                                                                         p.k, 6, QCKPT_NF4, p.y, 2, p.workspace, 0)));
+        CK(cudaDeviceSynchronize());
+        free_problem(p);
+        return 0;
+    }
+    /* --profile-decode: one launch each of the batch-1 decode kernel in the post-scaled and the wide mapping
+     * (14336x4096, the library's instantiation), for a profiler */
+    if (argc > 1 && !strcmp(argv[1], "--profile-decode")) {
+        Problem p = make_problem(14336, 4096);
+        int sms;
+        CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+        CK((launch_gemm_4bit_decode<bf16, 1, 2, 8, 1, 2, false>(p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6,
+                                                               QCKPT_NF4, p.y, 2 * sms, 0)));
+        CK((launch_gemm_4bit_decode<bf16, 1, 2, 8, 1, 2, true>(p.x, 1, p.packed[2], p.scales(2), p.n_out, p.k, 6,
+                                                              QCKPT_NF4, p.y, 2 * sms, 0)));
         CK(cudaDeviceSynchronize());
         free_problem(p);
         return 0;
@@ -371,8 +385,27 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
+    /* --wide: the library's decode instantiations in the post-scaled and the wide mapping (gemv4.cuh) */
+    if (argc > 1 && !strcmp(argv[1], "--wide")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            for (int batch : {1, 8, 16}) {
+                sweep_decode<1, 2, 8, 1, 2, false>(p, batch, sms, 2);
+                sweep_decode<1, 2, 8, 1, 2, true>(p, batch, sms, 2);
+                sweep_decode<1, 1, 8, 2, 2, false>(p, batch, sms, 2);
+                sweep_decode<1, 1, 8, 2, 2, true>(p, batch, sms, 2);
+                sweep_decode<2, 1, 8, 1, 2, false>(p, batch, sms, 2);
+                sweep_decode<2, 1, 8, 1, 2, true>(p, batch, sms, 2);
+                sweep_decode<2, 2, 4, 1, 3, false>(p, batch, sms, 2);
+                sweep_decode<2, 2, 4, 1, 3, true>(p, batch, sms, 2);
+                sweep_decode<2, 2, 4, 1, 3, false>(p, batch, sms, 3);
+            }
+            free_problem(p);
+        }
+        return 0;
+    }
     /* --decode: the 1..16-row kernel (gemv4.cuh): warps, prefetch depth, rows per warp, blocks per SM (0: one
-     * per row tile), post- and pre-scaled */
+     * per row tile), post-scaled and wide */
     if (argc > 1 && !strcmp(argv[1], "--decode")) {
         for (auto &shape : shapes) {
             Problem p = make_problem(shape[0], shape[1]);
@@ -381,7 +414,7 @@ int main(int argc, char **argv) {
                 sweep_decode<1, 1, 4, 2, 4>(p, batch, sms, 4);
                 sweep_decode<1, 1, 4, 1, 4>(p, batch, sms, 4);
                 sweep_decode<1, 1, 4, 2, 3>(p, batch, sms, 3);
-                sweep_decode<1, 1, 4, 2, 3, false>(p, batch, sms, 3);
+                sweep_decode<1, 1, 4, 2, 3, true>(p, batch, sms, 3);
                 sweep_decode<1, 1, 4, 3, 3>(p, batch, sms, 3);
                 sweep_decode<1, 1, 8, 1, 2>(p, batch, sms, 2);
                 sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);

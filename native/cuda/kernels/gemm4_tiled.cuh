@@ -38,14 +38,6 @@ struct TiledShape {
     static constexpr int kSmemBytes = STAGES * kStageBytes;
 };
 
-__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    const int src_bytes = valid ? 16 : 0; /* 0: no read, the 16 bytes are zero-filled */
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 /* byte offset of 16-byte chunk c (0..7) of row r inside a stage */
 __device__ __forceinline__ int tiled_x_offset(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
