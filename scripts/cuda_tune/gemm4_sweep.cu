@@ -404,6 +404,21 @@ int main(int argc, char **argv) {
         }
         return 0;
     }
+    /* --wide-b1: block shapes of the wide mapping at one row */
+    if (argc > 1 && !strcmp(argv[1], "--wide-b1")) {
+        for (auto &shape : shapes) {
+            Problem p = make_problem(shape[0], shape[1]);
+            sweep_decode<1, 2, 8, 1, 2, true>(p, 1, sms, 2);
+            sweep_decode<1, 2, 4, 1, 4, true>(p, 1, sms, 4);
+            sweep_decode<1, 2, 4, 1, 3, true>(p, 1, sms, 3);
+            sweep_decode<1, 2, 16, 1, 1, true>(p, 1, sms, 1);
+            sweep_decode<1, 1, 16, 2, 1, true>(p, 1, sms, 1);
+            sweep_decode<1, 1, 4, 2, 4, true>(p, 1, sms, 4);
+            sweep_decode<1, 1, 8, 2, 2, true>(p, 1, sms, 2);
+            free_problem(p);
+        }
+        return 0;
+    }
     /* --decode: the 1..16-row kernel (gemv4.cuh): warps, prefetch depth, rows per warp, blocks per SM (0: one
      * per row tile), post-scaled and wide */
     if (argc > 1 && !strcmp(argv[1], "--decode")) {
