@@ -91,29 +91,21 @@ struct DecodeFrag {
  * (their outputs are not stored), so only steps that reach past k need predicates: those take a second copy
  * of the loads (a uniform branch) that puts zeros in x, the bytes and the raw scale inputs: with x zero they
  * add exactly zero. */
-/* The x part of a step (zeros past k). */
-template <typename T, int NT, bool FULL>
-__device__ __forceinline__ void decode_load_x(uint4 (&x)[NT][4], const T *const (&x_rows)[NT], uint32_t k,
-                                              uint32_t step, int t) {
-    const uint32_t u_step = step * 8 + t;
-#pragma unroll
-    for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int c = 0; c < 2; c++) {
-            const bool ok = FULL || (u_step + 4 * c) * 16 < k; /* k % 32 == 0: a lane's 16 k are all in or out */
-            const uint4 *p = reinterpret_cast<const uint4 *>(x_rows[nt] + (u_step + 4 * c) * 16);
-            x[nt][2 * c] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
-            x[nt][2 * c + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
-        }
-}
-
 template <typename T, int NT, int R, bool NESTED, bool FULL>
 __device__ __forceinline__ void decode_load_step(DecodeFrag<NT, R> &f, const T *const (&x_rows)[NT],
                                                  const uint8_t *__restrict__ packed, const Scales &scales,
                                                  uint32_t n_out, uint32_t k, int log2_bs, uint32_t tile,
                                                  uint32_t step, int g, int t) {
     const uint32_t k16 = k >> 4, u_step = step * 8 + t; /* the lane's first unit of the step, within a row */
-    decode_load_x<T, NT, FULL>(f.x, x_rows, k, step, t);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const bool ok = FULL || (u_step + 4 * c) * 16 < k; /* k % 32 == 0: a lane's 16 k are all in or out */
+            const uint4 *p = reinterpret_cast<const uint4 *>(x_rows[nt] + (u_step + 4 * c) * 16);
+            f.x[nt][2 * c] = ok ? __ldg(p) : make_uint4(0, 0, 0, 0);
+            f.x[nt][2 * c + 1] = ok ? __ldg(p + 1) : make_uint4(0, 0, 0, 0);
+        }
 #pragma unroll
     for (int r = 0; r < R; r++)
 #pragma unroll
@@ -199,8 +191,9 @@ __device__ __forceinline__ void decode_compute_wide(const DecodeFrag<NT, R> &f, 
         uint32_t p[2][16]; /* [row half][pair]: pairs 2i, 2i + 1 of the lane's 32 k, scaled */
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const float s = NESTED ? __fadd_rn(__fmul_rn(code[f.code_index[r][h][0]], f.scale[r][h][0]), scales.offset)
-                                   : f.scale[r][h][0];
+            const float s = NESTED
+                ? __fadd_rn(__fmul_rn(code[f.code_index[r][h][0]], f.scale[r][h][0]), scales.offset)
+                : f.scale[r][h][0];
             const uint32_t words[4] = {f.w[r][h][0].x, f.w[r][h][0].y, f.w[r][h][1].x, f.w[r][h][1].y};
 #pragma unroll
             for (int wd = 0; wd < 4; wd++) {
@@ -331,7 +324,7 @@ __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_decode_kernel(const T 
     auto load_next = [&](DecodeFrag<NT, R> &f) {
         if (load_tile < tile_end)
             decode_load<T, NT, R, NESTED, WIDE>(f, x_rows, packed, scales, n_out, k, log2_bs, load_tile,
-                                          warp + load_j * W, g, t);
+                                                warp + load_j * W, g, t);
         if (++load_j == per_warp) {
             load_j = 0;
             load_tile++;
@@ -358,10 +351,6 @@ __global__ void __launch_bounds__(W * 32, MINB) gemm_4bit_decode_kernel(const T 
         }
     }
 }
-
-/* Whether the post-scaled path applies: every 64-wide chunk of k lies inside one quantization block. */
-__host__ __device__ inline bool decode_post_scaled(int64_t k, int log2_bs) { return log2_bs >= 6 && k % 64 == 0; }
-
 
 /* Whether the decode kernel's 32-bit positions hold this weight (see decode_load). */
 __host__ __device__ inline bool decode_fits(int64_t n_out, int64_t k) {
@@ -407,6 +396,9 @@ cudaError_t launch_gemm_4bit_decode(const T *x, int batch, const uint8_t *packed
                                                             log2_bs, qt, y);
     return cudaGetLastError();
 }
+
+/* Whether the post-scaled path applies: every 64-wide chunk of k lies inside one quantization block. */
+__host__ __device__ inline bool decode_post_scaled(int64_t k, int log2_bs) { return log2_bs >= 6 && k % 64 == 0; }
 
 }  // namespace qk
 
