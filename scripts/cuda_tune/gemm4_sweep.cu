@@ -7,7 +7,7 @@
  *        scripts/cuda_tune/gemm4_sweep.cu native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
  *
  * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wide, --wgmma, --tma,
- * --expand, --lut, --profile, --profile-decode, --quick)
+ * --expand, --lut, --profile, --quick)
  *
  * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
  * copies so L2 (50 MB) cannot serve them. Times: median over 7 repetitions of 24 back-to-back launches
@@ -243,14 +243,16 @@ static void sweep_tma(Problem &p, int batch, int sms) {
 
 int main(int argc, char **argv) {
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
-    /* --profile: one launch each of the batch-1 decode, the batch-128 tiled, wgmma and TMA kernels and the
-     * batch-1 TMA kernel, for a profiler */
+    /* --profile: one launch each of the batch-1 decode kernel (the library's wide launch, then post-scaled),
+     * the batch-128 tiled, wgmma and TMA kernels and the batch-1 TMA kernel, for a profiler */
     if (argc > 1 && !strcmp(argv[1], "--profile")) {
         Problem p = make_problem(14336, 4096);
         int sms;
         CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-        CK((launch_gemm_4bit_decode<bf16, 1, 1, 8, 2, 2, true>(p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6,
-                                                              QCKPT_NF4, p.y, 2 * sms, 0)));
+        CK((launch_gemm_4bit_decode<bf16, 1, 2, 4, 1, 4, true>(p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6,
+                                                              QCKPT_NF4, p.y, 0, 0)));
+        CK((launch_gemm_4bit_decode<bf16, 1, 2, 8, 1, 2, false>(p.x, 1, p.packed[2], p.scales(2), p.n_out, p.k, 6,
+                                                               QCKPT_NF4, p.y, 2 * sms, 0)));
         CK((launch_gemm_4bit_tiled<bf16, TiledShape<8, 1, 1, 8, 4>, 2, 2>(p.x, 128, p.packed[1], p.scales(1), p.n_out,
                                                                            p.k, 6, QCKPT_NF4, p.y, 1, p.workspace, 0)));
         CK((launch_gemm_4bit_wgmma<bf16, WgmmaShape<128, 2, 1, 5>, kLutLane, 1>(p.x, 128, p.packed[1], p.scales(1),
@@ -261,20 +263,6 @@ int main(int argc, char **argv) {
                                                                           p.workspace, 0)));
         CK((launch_gemm_4bit_tma<bf16, WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p.x, 1, p.packed[3], p.expanded[3], p.n_out, p.scales(3), p.n_out,
                                                                         p.k, 6, QCKPT_NF4, p.y, 2, p.workspace, 0)));
-        CK(cudaDeviceSynchronize());
-        free_problem(p);
-        return 0;
-    }
-    /* --profile-decode: one launch each of the batch-1 decode kernel in the post-scaled and the wide mapping
-     * (14336x4096, the library's instantiation), for a profiler */
-    if (argc > 1 && !strcmp(argv[1], "--profile-decode")) {
-        Problem p = make_problem(14336, 4096);
-        int sms;
-        CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-        CK((launch_gemm_4bit_decode<bf16, 1, 2, 8, 1, 2, false>(p.x, 1, p.packed[1], p.scales(1), p.n_out, p.k, 6,
-                                                               QCKPT_NF4, p.y, 2 * sms, 0)));
-        CK((launch_gemm_4bit_decode<bf16, 1, 2, 8, 1, 2, true>(p.x, 1, p.packed[2], p.scales(2), p.n_out, p.k, 6,
-                                                              QCKPT_NF4, p.y, 2 * sms, 0)));
         CK(cudaDeviceSynchronize());
         free_problem(p);
         return 0;

@@ -91,6 +91,23 @@ struct DecodeFrag {
  * (their outputs are not stored), so only steps that reach past k need predicates: those take a second copy
  * of the loads (a uniform branch) that puts zeros in x, the bytes and the raw scale inputs: with x zero they
  * add exactly zero. */
+/* Row g (+ 8 h) of row tile r of `tile`, or the last row past n_out, and the raw inputs of the scale of its
+ * block `block` (zeros when !ok): absmax, or absmax2 and the code index. */
+template <int R>
+__device__ __forceinline__ uint32_t decode_row(uint32_t tile, int r, int h, int g, uint32_t n_out) {
+    return min(tile * (16 * R) + r * 16 + h * 8 + g, n_out - 1);
+}
+template <bool NESTED>
+__device__ __forceinline__ void decode_load_scale(const Scales &scales, uint32_t block, bool ok, float &scale,
+                                                  uint32_t &code_index) {
+    if (NESTED) {
+        scale = ok ? __ldg(scales.absmax2 + (block >> scales.log2_bs2)) : 0.0f;
+        code_index = ok ? __ldg(scales.codes + block) : 0;
+    } else {
+        scale = ok ? __ldg(scales.absmax + block) : 0.0f;
+    }
+}
+
 template <typename T, int NT, int R, bool NESTED, bool FULL>
 __device__ __forceinline__ void decode_load_step(DecodeFrag<NT, R> &f, const T *const (&x_rows)[NT],
                                                  const uint8_t *__restrict__ packed, const Scales &scales,
@@ -110,20 +127,14 @@ __device__ __forceinline__ void decode_load_step(DecodeFrag<NT, R> &f, const T *
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const uint32_t n = min(tile * (16 * R) + r * 16 + h * 8 + g, n_out - 1);
-            const uint32_t u = n * k16 + u_step;
+            const uint32_t u = decode_row<R>(tile, r, h, g, n_out) * k16 + u_step;
             const uint2 *w = reinterpret_cast<const uint2 *>(packed + uint64_t(u) * 8);
 #pragma unroll
             for (int c = 0; c < 2; c++) {
                 const bool ok = FULL || (u_step + 4 * c) * 16 < k;
-                const uint32_t block = (u + 4 * c) >> (log2_bs - 4);
                 f.w[r][h][c] = ok ? __ldg(w + 4 * c) : make_uint2(0, 0);
-                if (NESTED) {
-                    f.scale[r][h][c] = ok ? __ldg(scales.absmax2 + (block >> scales.log2_bs2)) : 0.0f;
-                    f.code_index[r][h][c] = ok ? __ldg(scales.codes + block) : 0;
-                } else {
-                    f.scale[r][h][c] = ok ? __ldg(scales.absmax + block) : 0.0f;
-                }
+                decode_load_scale<NESTED>(scales, (u + 4 * c) >> (log2_bs - 4), ok, f.scale[r][h][c],
+                                          f.code_index[r][h][c]);
             }
         }
 }
@@ -147,19 +158,12 @@ __device__ __forceinline__ void decode_load_wide(DecodeFrag<NT, R> &f, const T *
     for (int r = 0; r < R; r++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            const uint32_t n = min(tile * (16 * R) + r * 16 + h * 8 + g, n_out - 1);
-            const uint32_t u = n * k16 + u_step;
+            const uint32_t u = decode_row<R>(tile, r, h, g, n_out) * k16 + u_step;
             const uint4 w =
                 ok ? __ldg(reinterpret_cast<const uint4 *>(packed + uint64_t(u) * 8)) : make_uint4(0, 0, 0, 0);
             f.w[r][h][0] = make_uint2(w.x, w.y);
             f.w[r][h][1] = make_uint2(w.z, w.w);
-            const uint32_t block = u >> (log2_bs - 4);
-            if (NESTED) {
-                f.scale[r][h][0] = ok ? __ldg(scales.absmax2 + (block >> scales.log2_bs2)) : 0.0f;
-                f.code_index[r][h][0] = ok ? __ldg(scales.codes + block) : 0;
-            } else {
-                f.scale[r][h][0] = ok ? __ldg(scales.absmax + block) : 0.0f;
-            }
+            decode_load_scale<NESTED>(scales, u >> (log2_bs - 4), ok, f.scale[r][h][0], f.code_index[r][h][0]);
         }
 }
 
