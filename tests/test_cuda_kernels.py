@@ -229,7 +229,8 @@ def test_dequantize_same_bytes_as_cpu(quant_type, gen):
 
 def reference_matmul(x, qt):
     """float64 product of x with the weight dequantized to x.dtype (what the prefill kernels multiply; the
-    decode kernel rounds the code values instead and scales the sums, within the same tolerance)."""
+    decode kernel rounds the code values to x.dtype first, then scales the sums or the weights, within the same
+    tolerance)."""
     w = converter.dequantize(qt.to("cpu"), x.dtype).double()
     return x.cpu().double() @ w.t()
 
@@ -264,8 +265,8 @@ def test_gemm_4bit_fused_matches_reference(dtype, gen):
                 assert y.shape == (rows, n_out) and y.dtype == dtype
                 err = rel_err(y, reference_matmul(x, qt))
                 # the reference rounds each dequantized weight to x.dtype; post-scaled, the kernel multiplies the
-                # code values rounded to x.dtype and applies the float32 scale to the sums; wide, bf16 weights
-                # are code value x bf16 scale rounded to bf16 (float16: exactly the dequantized weights)
+                # code values rounded to x.dtype and applies the float32 scale to the sums; wide, its weights are
+                # the code values rounded to x.dtype times the scale (bf16: a bf16 scale), rounded to x.dtype
                 assert err < (1e-2 if dtype is torch.bfloat16 else 2e-3), (n_out, k, rows, quant_type, bs, err)
                 assert torch.equal(kcuda.gemm_4bit(x, qt).view(torch.int16), y.view(torch.int16))
 

@@ -32,13 +32,14 @@ cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const
                                                                   2 * int64_t(sm_count()), s);
         return launch_gemm_4bit_decode<T, 2, 1, 8, 1, 2, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
     }
-    if (many_rows) {
-        if constexpr (WIDE) /* one row: 4 warps x 4 blocks, one tile each (19.3 against 20.1 us at 14336x4096) */
-            if (batch == 1)
+    if constexpr (WIDE) /* up to 8 rows with many rows are always wide (launch_decode<T> below) */
+        if (many_rows) {
+            if (batch == 1) /* 4 warps x 4 blocks, about a tile each (19.3 against 20.1 us at 14336x4096) */
                 return launch_gemm_4bit_decode<T, 1, 2, 4, 1, 4, true>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt,
                                                                       0, s);
-        return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
-    }
+            return launch_gemm_4bit_decode<T, 1, 2, 8, 1, 2, true>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0,
+                                                                  s);
+        }
     return launch_gemm_4bit_decode<T, 1, 1, 8, 2, 2, WIDE>(xt, batch, packed, sc, n_out, k, log2_bs, qt, yt, 0, s);
 }
 

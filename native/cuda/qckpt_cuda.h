@@ -88,19 +88,18 @@ qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *sc
 
 /* Fused 4-bit dequantize + matmul:
  *   x (batch, k) @ dequant(W (n_out, k))^T -> y (batch, n_out), x and y in `dtype` (QCKPT_BF16 or QCKPT_F16).
- * The prefill kernel dequantizes weights as qckpt_dequantize_4bit does and rounds them to `dtype`; the
- * decode kernel either multiplies the code values rounded to `dtype` and applies each block's float32 scale
- * to their sums, or (one row, up to 8 rows of a tall weight, blocksize 32 or k % 64 == 32) multiplies the
- * scaled weights: bfloat16 code values times the bfloat16 scale, float16 as dequantize. Products on the
- * tensor cores with float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs
- * k % 32 == 0 and n_out * k < 2^36) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0),
- * which may split k and add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes; its
- * counters must be zero before first use and every call leaves them zero, so one zero-filled workspace
- * serves all later calls issued on one stream). x and packed must be 16-byte aligned. Returns
- * QCKPT_E_UNSUPPORTED for inputs outside that (callers fall back to dequantize + GEMM). On compute
- * capability 9.0 the prefill rows run a Hopper kernel that reads the block scales as one float32 per block:
- * `expanded_scales` (from qckpt_cuda_gemm_4bit_expand_scales, kept with the weight) saves re-making them in
- * the workspace on every call; NULL makes them there. */
+ * The prefill kernel dequantizes weights as qckpt_dequantize_4bit does and rounds them to `dtype`; the decode
+ * kernel either multiplies the code values rounded to `dtype` and applies each block's float32 scale to their
+ * sums, or (one row, up to 8 rows of a tall weight, blocksize 32 or k % 64 == 32) multiplies the scaled weights
+ * (code values rounded to `dtype` times the scale, rounded; for bfloat16 a bfloat16 scale). Products on the tensor
+ * cores with float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs k % 32 == 0
+ * and n_out * k < 2^36) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0), which may split k and
+ * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes; its counters must be zero before
+ * first use and every call leaves them zero, so one zero-filled workspace serves all later calls issued on one
+ * stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs outside that (callers fall
+ * back to dequantize + GEMM). On compute capability 9.0 the prefill rows run a Hopper kernel that reads the block
+ * scales as one float32 per block: `expanded_scales` (from qckpt_cuda_gemm_4bit_expand_scales, kept with the
+ * weight) saves re-making them in the workspace on every call; NULL makes them there. */
 enum { QCKPT_CUDA_GEMM_MAX_ROWS = 128 };
 
 /* Workspace bytes qckpt_cuda_gemm_4bit needs for these shapes on the current device (0: none);

@@ -37,17 +37,12 @@ template <> __device__ __forceinline__ void mma16816<__half>(float c[4], const u
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* Asynchronous copies into shared memory (sm_80+): 16 bytes, or BYTES (4 or 8); zeros when !valid (nothing is
- * read then). A wait is no compiler barrier: a __syncwarp / __syncthreads follows it before the reads. */
+/* Asynchronous 16-byte copies into shared memory (sm_80+); zeros when !valid (nothing is read then). A wait
+ * is no compiler barrier: a __syncthreads follows it before the reads. */
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
     const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     const int src_bytes = valid ? 16 : 0; /* 0: no read, the 16 bytes are zero-filled */
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
-}
-template <int BYTES>
-__device__ __forceinline__ void cp_async_zfill(uint32_t dst, const void *src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src), "n"(BYTES),
-                 "r"(valid ? BYTES : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -10,10 +10,11 @@
  *   sums 16 k of one quantization block and the block scale multiplies the chunk's float32 sums once per
  *   output (4 FFMAs a lane): the tensor cores multiply unscaled code values. Two 8-byte loads a row.
  * - wide (any blocksize, k % 32 == 0): lane t owns physical k [32t, 32t + 32), one 16-byte load a row and
- *   one block scale, which it applies to its own pairs (a bf16x2 multiply each; float16: a float32 product
- *   rounded once) before the mmas. Half the weight and scale loads of post-scaled: at batch 1 the L1 /
- *   shared-memory pipe is the busiest unit (~75% in Nsight Compute), and there wide is the faster mapping
- *   (14336x4096: 20.2 against 22.4 us); with several batch rows its x loads touch twice the lines.
+ *   one block scale, which it applies to its own pairs (a bf16x2 multiply each; float16: the float16 code
+ *   values times the float32 scale, rounded once) before the mmas. Half the weight and scale loads of
+ *   post-scaled: at batch 1 the L1 / shared-memory pipe is the busiest unit (~75% in Nsight Compute), and
+ *   there wide is the faster mapping (14336x4096: 20.2 against 22.4 us); with several batch rows its x loads
+ *   touch twice the lines.
  *
  * Dequantizing costs more issue slots than anything else here, so a packed byte (two codes) becomes its pair
  * of values with three instructions: a byte permute (PRMT) extracts it, one multiply-add makes the address,
@@ -61,7 +62,9 @@ __device__ __forceinline__ uint32_t lane_lookup(uint32_t lane_base, uint32_t wor
 }
 
 /* Pairs times a lane's own block scale (the wide mapping). bfloat16: one bf16x2 multiply by the bf16
- * scale; float16: a float32 product rounded once, so scales beyond the float16 range behave as dequantize. */
+ * scale; float16: the pair's float16 values times the float32 scale, rounded once (so scales beyond the
+ * float16 range do not overflow the scale; the code values were rounded to float16 first, unlike dequantize,
+ * which differs by an ulp for ~20% of NF4 weights). */
 template <typename T> __device__ __forceinline__ uint32_t scale_pair(uint32_t pair, float s);
 template <> __device__ __forceinline__ uint32_t scale_pair<__nv_bfloat16>(uint32_t pair, float s) {
     __nv_bfloat162 v = __hmul2(*reinterpret_cast<const __nv_bfloat162 *>(&pair), __float2bfloat162_rn(s));
