@@ -209,36 +209,45 @@ static void sweep_tiled(Problem &p, int batch, int sms) {
                  });
 }
 
+/* A wgmma-tiled kernel (Shape: WgmmaShape) over k splits 1, 2 and enough for 1..max_per_sm blocks a
+ * multiprocessor; launch(copy, splits) as sweep_splits. */
 template <typename Shape, int LUT, int MINB>
-static void sweep_wgmma(Problem &p, int batch, int sms) {
+static void sweep_wgmma_tiles(Problem &p, int batch, int sms, const char *kind, int max_per_sm,
+                              const std::function<void(int, int)> &launch) {
     const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / Shape::BK;
     char cfg[64];
     snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
              Shape::BK, LUT, MINB);
-    sweep_splits(p, batch, "wgmma", cfg, ktiles,
-                 {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
-                  tiled_splits(tiles, ktiles, sms, 3), tiled_splits(tiles, ktiles, sms, 4)},
-                 [&](int c, int splits) {
-                     CK((launch_gemm_4bit_wgmma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out,
-                                                                        p.k, 6, QCKPT_NF4, p.y, splits, p.workspace,
-                                                                        0)));
-                 });
+    std::vector<int> candidates{1, 2};
+    for (int per_sm = 1; per_sm <= max_per_sm; per_sm++) candidates.push_back(tiled_splits(tiles, ktiles, sms, per_sm));
+    sweep_splits(p, batch, kind, cfg, ktiles, candidates, launch);
+}
+
+template <typename Shape, int LUT, int MINB>
+static void sweep_wgmma(Problem &p, int batch, int sms) {
+    sweep_wgmma_tiles<Shape, LUT, MINB>(p, batch, sms, "wgmma", 4, [&](int c, int splits) {
+        CK((launch_gemm_4bit_wgmma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.scales(c), p.n_out, p.k, 6,
+                                                           QCKPT_NF4, p.y, splits, p.workspace, 0)));
+    });
 }
 
 template <typename Shape, int LUT, int MINB>
 static void sweep_tma(Problem &p, int batch, int sms) {
-    const int64_t tiles = ceil_div(p.n_out, Shape::BM) * ceil_div(batch, Shape::BN), ktiles = p.k / Shape::BK;
-    char cfg[64];
-    snprintf(cfg, sizeof cfg, "BN%d WG%d MT%d S%d BK%d L%d MINB%d", Shape::BN, Shape::WG, Shape::MT, Shape::STAGES,
-             Shape::BK, LUT, MINB);
-    sweep_splits(p, batch, "tma", cfg, ktiles,
-                 {1, 2, tiled_splits(tiles, ktiles, sms, 1), tiled_splits(tiles, ktiles, sms, 2),
-                  tiled_splits(tiles, ktiles, sms, 3)},
-                 [&](int c, int splits) {
-                     CK((launch_gemm_4bit_tma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.expanded[c], p.n_out,
-                                                                      p.scales(c), p.n_out, p.k, 6, QCKPT_NF4, p.y,
-                                                                      splits, p.workspace, 0)));
-                 });
+    sweep_wgmma_tiles<Shape, LUT, MINB>(p, batch, sms, "tma", 3, [&](int c, int splits) {
+        CK((launch_gemm_4bit_tma<bf16, Shape, LUT, MINB>(p.x, batch, p.packed[c], p.expanded[c], p.n_out,
+                                                         p.scales(c), p.n_out, p.k, 6, QCKPT_NF4, p.y, splits,
+                                                         p.workspace, 0)));
+    });
+}
+
+/* Run `fn` on the problem of each shape (made before it, freed after). */
+template <typename Fn>
+static void for_each_problem(const int64_t (&shapes)[2][2], Fn &&fn) {
+    for (auto &shape : shapes) {
+        Problem p = make_problem(shape[0], shape[1]);
+        fn(p);
+        free_problem(p);
+    }
 }
 
 int main(int argc, char **argv) {
@@ -275,8 +284,7 @@ int main(int argc, char **argv) {
     /* --wgmma: the sm_90a prefill kernel's batch tile, warpgroups, stages and k splits, beside the tiled
      * mma.sync kernel the library used before */
     if (argc > 1 && !strcmp(argv[1], "--wgmma")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             for (int batch : {128, 64, 32, 16, 8, 1}) {
                 if (batch > 64) {
                     sweep_wgmma<WgmmaShape<128, 2, 1, 5>, kLutLane, 1>(p, batch, sms);
@@ -311,37 +319,31 @@ int main(int argc, char **argv) {
                     sweep_decode<1, 2, 8, 1, 2>(p, batch, sms, 2);
                 }
             }
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --expand: the scale expansion alone (expand_scales_kernel), per weight copy */
     if (argc > 1 && !strcmp(argv[1], "--expand")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             const float us = time_us([&](int c) {
                 CK(launch_expand_scales(p.scales(c), p.n_out, p.k, 6, p.n_out, p.expanded[c], 0));
             }, kRotate);
             printf("expand %5lldx%-5lld %8.2f us %7.1f GB/s\n", (long long)p.n_out, (long long)p.k, us,
                    (p.n_out * p.k / kBS * 5.0) / us / 1e3);
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --tma-quick: one prefill (128 rows) and one decode (1 row) launch of the TMA kernel per shape */
     if (argc > 1 && !strcmp(argv[1], "--tma-quick")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             sweep_tma<WgmmaShape<128, 2, 1, 6>, kLutLane, 1>(p, 128, sms);
             sweep_tma<WgmmaShape<8, 2, 1, 8>, kLutLane, 2>(p, 1, sms);
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --tma: the TMA-fed wgmma kernel (gemm4_tma.cuh) beside the cp.async one and the library's kernels */
     if (argc > 1 && !strcmp(argv[1], "--tma")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             for (int batch : {128, 64, 32, 16, 1}) {
                 if (batch > 64) {
                     sweep_tma<WgmmaShape<128, 2, 1, 6>, kLutLane, 1>(p, batch, sms);
@@ -369,14 +371,12 @@ int main(int argc, char **argv) {
                     sweep_decode<1, 2, 8, 1, 2>(p, batch, sms, 2);
                 }
             }
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --wide: the library's decode instantiations in the post-scaled and the wide mapping (gemv4.cuh) */
     if (argc > 1 && !strcmp(argv[1], "--wide")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             for (int batch : {1, 8, 16}) {
                 sweep_decode<1, 2, 8, 1, 2, false>(p, batch, sms, 2);
                 sweep_decode<1, 2, 8, 1, 2, true>(p, batch, sms, 2);
@@ -388,14 +388,12 @@ int main(int argc, char **argv) {
                 sweep_decode<2, 2, 4, 1, 3, true>(p, batch, sms, 2);
                 sweep_decode<2, 2, 4, 1, 3, false>(p, batch, sms, 3);
             }
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --wide-b1: block shapes of the wide mapping at one row */
     if (argc > 1 && !strcmp(argv[1], "--wide-b1")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             sweep_decode<1, 2, 8, 1, 2, true>(p, 1, sms, 2);
             sweep_decode<1, 2, 4, 1, 4, true>(p, 1, sms, 4);
             sweep_decode<1, 2, 4, 1, 3, true>(p, 1, sms, 3);
@@ -403,15 +401,13 @@ int main(int argc, char **argv) {
             sweep_decode<1, 1, 16, 2, 1, true>(p, 1, sms, 1);
             sweep_decode<1, 1, 4, 2, 4, true>(p, 1, sms, 4);
             sweep_decode<1, 1, 8, 2, 2, true>(p, 1, sms, 2);
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --decode: the 1..16-row kernel (gemv4.cuh): warps, prefetch depth, rows per warp, blocks per SM (0: one
      * per row tile), post-scaled and wide */
     if (argc > 1 && !strcmp(argv[1], "--decode")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             for (int batch : {1, 8}) {
                 sweep_decode<1, 1, 4, 2, 3>(p, batch, sms, 0);
                 sweep_decode<1, 1, 4, 2, 4>(p, batch, sms, 4);
@@ -438,14 +434,12 @@ int main(int argc, char **argv) {
                 sweep_decode<2, 2, 4, 1, 3>(p, batch, sms, 3);
                 sweep_decode<2, 2, 8, 1, 2>(p, batch, sms, 2);
             }
-            free_problem(p);
-        }
+        });
         return 0;
     }
     /* --lut: the tiled kernel's launch shapes under each lookup mode (LutMode: 0 shared, 1 registers, 2 mixed) */
     if (argc > 1 && !strcmp(argv[1], "--lut")) {
-        for (auto &shape : shapes) {
-            Problem p = make_problem(shape[0], shape[1]);
+        for_each_problem(shapes, [&](Problem &p) {
             for (int lut = 0; lut < 3; lut++) { /* the library's tiled shapes */
                 auto small = lut == 0 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 0>
                            : lut == 1 ? sweep_tiled<TiledShape<8, 1, 1, 4, 4>, 4, 2, 1>
@@ -456,12 +450,10 @@ int main(int argc, char **argv) {
                 small(p, 32, sms);
                 large(p, 128, sms);
             }
-            free_problem(p);
-        }
+        });
         return 0;
     }
-    for (auto &shape : shapes) {
-        Problem p = make_problem(shape[0], shape[1]);
+    for_each_problem(shapes, [&](Problem &p) {
         for (int batch : {1, 8, 16}) {
             sweep_decode<1, 1, 8, 2, 2>(p, batch, sms, 2);
             sweep_decode<2, 1, 8, 1, 2>(p, batch, sms, 2);
@@ -486,7 +478,6 @@ int main(int argc, char **argv) {
                 }
             }
         }
-        free_problem(p);
-    }
+    });
     return 0;
 }
