@@ -9,15 +9,15 @@
 
 namespace {
 
+/* two 32-row tiles or more per multiprocessor */
+bool decode_many_rows(int64_t n_out) { return qk::ceil_div(n_out, 32) >= 2 * int64_t(qk::sm_count()); }
+
 /* 1..16 rows: the instantiations scripts/cuda_tune/gemm4_sweep.cu --decode / --wide measured fastest on an
  * H100 for the Llama-8B MLP shapes (scripts/BENCHMARKS.md). With many rows (n_out >= 64 x SMs: two 32-row
  * tiles or more per multiprocessor) a warp takes two row tiles, so each of its steps has twice the loads in
  * flight; otherwise one. Two batch tiles (9..16 rows) need twice the x registers: one step of loads in flight.
  * The wide mapping (gemv4.cuh) where it measured faster -- one row, or up to 8 with many rows -- and wherever
  * the post-scaled one does not apply (blocksize 32, k % 64 == 32). */
-/* two 32-row tiles or more per multiprocessor */
-bool decode_many_rows(int64_t n_out) { return qk::ceil_div(n_out, 32) >= 2 * int64_t(qk::sm_count()); }
-
 template <typename T, bool WIDE>
 cudaError_t launch_decode(const void *x, int batch, const uint8_t *packed, const qk::Scales &sc, int64_t n_out,
                           int64_t k, int log2_bs, int qt, void *y, cudaStream_t s) {
