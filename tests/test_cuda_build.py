@@ -49,6 +49,7 @@ def test_cuda_cdef_parses_header():
     ffi = cffi.FFI()
     ffi.cdef(cdef)  # raises on anything cffi cannot parse
     for name in ("qckpt_cuda_quantize_4bit", "qckpt_cuda_gemm_4bit", "qckpt_cuda_gemm_4bit_workspace",
+                 "qckpt_cuda_gemm_4bit_workspace_zeroed",
                  "qckpt_cuda_gemm_4bit_scales_bytes", "qckpt_cuda_gemm_4bit_expand_scales",
                  "qckpt_cuda_read_report", "qckpt_cuda_dequantize_4bit", "qckpt_cuda_quantize_int8_rowwise",
                  "qckpt_cuda_exact_mean", "qckpt_cuda_adamw8bit_step", "qckpt_cuda_adamw32_step",

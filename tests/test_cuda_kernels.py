@@ -306,6 +306,40 @@ def test_gemm_4bit_prefill_split_workspace_stays_usable(gen):
         assert rel_err(y, reference_matmul(x, qt)) < 1e-2
 
 
+def test_gemm_4bit_prefill_workspace_needs_only_its_zeroed_prefix(gen):
+    """A fresh workspace (as each call inside CUDA-graph capture gets) needs only its first
+    qckpt_cuda_gemm_4bit_workspace_zeroed bytes zero: filled with 0xFF elsewhere, a call that splits K gives
+    the cached-workspace result bit for bit, twice in a row (the counters are left zero), with the scales
+    expanded per call and with the kept copy. The query names the counters when the call must find them zero
+    and nothing when the shapes do not split."""
+    ffi, lib = kcuda.load()
+    n_out, k, rows, bs = 256, 8192, 40, 64  # 2 output tiles: k splits
+    qt = converter.quantize((torch.randn(n_out, k, generator=gen) * 0.05).cuda(), "nf4", bs, True)
+    x = torch.randn(rows, k, generator=gen).bfloat16().cuda()
+    want = kcuda.fused_gemm_4bit(x, qt)
+    prep = kcuda._prepared_weights[id(qt.data)][1]
+    kept = prep.expanded if isinstance(prep.expanded, torch.Tensor) else None
+    nbytes = ffi.new("int64_t *")
+    for expanded in [ffi.NULL] + ([] if kept is None else [kcuda._ptr(kept, "float *")]):
+        given = int(expanded != ffi.NULL)
+        kcuda._check(lib.qckpt_cuda_gemm_4bit_workspace(rows, n_out, k, given, nbytes))
+        ws = torch.full((nbytes[0],), 0xFF, dtype=torch.uint8, device="cuda")
+        kcuda._check(lib.qckpt_cuda_gemm_4bit_workspace_zeroed(rows, n_out, k, bs, given, nbytes))
+        zeroed = nbytes[0]
+        sm90 = torch.cuda.get_device_capability() == (9, 0)
+        assert zeroed == (0 if sm90 and not given else 4096), (given, zeroed)
+        ws[:zeroed] = 0
+        for _ in range(2):
+            y = torch.empty_like(want)
+            kcuda._check(lib.qckpt_cuda_gemm_4bit(kcuda._ptr(x), kcuda._dtype_code(x.dtype), rows, prep.packed_ptr,
+                                                  prep.scales, n_out, k, bs, prep.quant, kcuda._ptr(y),
+                                                  kcuda._ptr(ws), ws.numel(), expanded, kcuda._stream(x.device)))
+            assert torch.equal(y.view(torch.int16), want.view(torch.int16)), given
+    kcuda._check(lib.qckpt_cuda_gemm_4bit_workspace_zeroed(128, 14336, 4096, bs, 1, nbytes))
+    assert nbytes[0] == 0  # 112 output tiles cover the GPU unsplit
+    assert rel_err(want, reference_matmul(x, qt)) < 1e-2
+
+
 def test_gemm_4bit_other_paths_match_reference(gen):
     """Inputs outside the fused kernels (129+ rows, float32, K % 32 != 0, 17+ rows with K % 64 != 0, 3-D
     activations with a bias) take dequantize + cuBLAS, into a caller's workspace when given, and stay
@@ -365,7 +399,7 @@ def test_gemm_4bit_prefill_expanded_scales_match_and_follow_edits(gen):
         y = kcuda.fused_gemm_4bit(x, qt)
         prep = kcuda._prepared_weights[id(qt.data)][1]
         fresh = torch.empty_like(y)
-        ws = kcuda._split_workspace(rows, n_out, k, x.device)
+        ws = kcuda._split_workspace(rows, n_out, k, bs, x.device)
         kcuda._check(lib.qckpt_cuda_gemm_4bit(kcuda._ptr(x), kcuda._dtype_code(x.dtype), rows, prep.packed_ptr,
                                               prep.scales, n_out, k, bs, prep.quant, kcuda._ptr(fresh),
                                               kcuda._ptr(ws), 0 if ws is None else ws.numel(), ffi.NULL,

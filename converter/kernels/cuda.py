@@ -395,24 +395,30 @@ _split_workspaces: dict[tuple[int, int], torch.Tensor] = {}
 _MAX_SPLIT_WORKSPACES = 16  # streams remembered; code that makes a stream per call must not grow this
 
 
-def _split_workspace(rows: int, n_out: int, k: int, device: torch.device,
+def _split_workspace(rows: int, n_out: int, k: int, blocksize: int, device: torch.device,
                      scales_expanded: bool = False) -> torch.Tensor | None:
-    """The zero-initialised workspace of one prefill-kernel call on the current stream (None: not needed);
-    scales_expanded: the call passes the weight's expanded scales (less room needed on an H100)."""
+    """The workspace of one prefill-kernel call on the current stream (None: not needed), its split-K counters
+    zero; scales_expanded: the call passes the weight's expanded scales (less room needed on an H100)."""
     ffi, lib = load()
     nbytes = ffi.new("int64_t *")
     _check(lib.qckpt_cuda_gemm_4bit_workspace(rows, n_out, k, int(scales_expanded), nbytes))
     if nbytes[0] == 0:
         return None
+    if torch.cuda.is_current_stream_capturing():
+        # inside CUDA-graph capture a fill only runs when the graph replays: a buffer for this call alone, not
+        # one for later eager calls on this stream, with only the bytes the call needs zero filled (the
+        # counters, if it splits K and does not clear them itself): filling all of it took longer than the
+        # matmul's scale expansion
+        ws = torch.empty(nbytes[0], dtype=torch.uint8, device=device)
+        _check(lib.qckpt_cuda_gemm_4bit_workspace_zeroed(rows, n_out, k, blocksize, int(scales_expanded), nbytes))
+        if nbytes[0]:
+            ws[: nbytes[0]].zero_()
+        return ws
     key = (_cuda_device(device).index, torch.cuda.current_stream(device).cuda_stream)
     ws = _split_workspaces.get(key)
     if ws is not None and ws.numel() >= nbytes[0]:
         return ws
     ws = torch.zeros(nbytes[0], dtype=torch.uint8, device=device)
-    if torch.cuda.is_current_stream_capturing():
-        # inside CUDA-graph capture the zero fill only runs when the graph replays: a buffer for this
-        # graph alone, not one for later eager calls on this stream
-        return ws
     if key not in _split_workspaces and len(_split_workspaces) >= _MAX_SPLIT_WORKSPACES:
         _split_workspaces.pop(next(iter(_split_workspaces)))  # the oldest stream's (its calls are ordered)
     _split_workspaces[key] = ws
@@ -550,7 +556,7 @@ def fused_gemm_4bit(x: torch.Tensor, weight: QuantizedTensor) -> torch.Tensor:
     with _on(device):
         prefill = rows > DECODE_MAX_ROWS
         expanded = _expanded_scales(prep, weight, device) if prefill else ffi.NULL
-        ws = _split_workspace(rows, n_out, k, device, expanded != ffi.NULL) if prefill else None
+        ws = _split_workspace(rows, n_out, k, weight.blocksize, device, expanded != ffi.NULL) if prefill else None
         _check(lib.qckpt_cuda_gemm_4bit(_ptr(x), _dtype_code(x.dtype), rows, prep.packed_ptr, prep.scales,
                                         n_out, k, weight.blocksize, prep.quant, _ptr(y), _ptr(ws),
                                         0 if ws is None else ws.numel(), expanded, _stream(device)))

@@ -71,7 +71,8 @@ TiledPlan tiled_plan(int64_t batch, int64_t n_out, int64_t k) {
     const int bm = p.small ? TiledSmall::BM : TiledLarge::BM;
     const int64_t tiles = qk::ceil_div(n_out, TiledSmall::BN) * qk::ceil_div(batch, bm);
     p.splits = qk::tiled_splits(tiles, k / qk::kTiledBK, qk::sm_count(), kTiledBlocksPerSm);
-    p.workspace_bytes = qk::tiled_workspace_bytes(p.splits, (int)batch, n_out);
+    p.workspace_bytes = p.small ? qk::tiled_workspace_bytes<TiledSmall>(p.splits, batch, n_out)
+                                : qk::tiled_workspace_bytes<TiledLarge>(p.splits, batch, n_out);
     return p;
 }
 
@@ -102,6 +103,22 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_
     *bytes = tiled_plan(batch, n_out, k).workspace_bytes;
     if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, 5))
         *bytes = std::max(*bytes, qk::tma_gemm_workspace_bytes(batch, n_out, k, scales_expanded != 0));
+    return QCKPT_OK;
+}
+
+extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace_zeroed(int64_t batch, int64_t n_out, int64_t k,
+                                                             int64_t blocksize, int32_t scales_expanded,
+                                                             int64_t *bytes) {
+    if (!bytes) return qk::fail(QCKPT_E_INVALID, "NULL output pointer");
+    *bytes = 0;
+    const int log2_bs = qk::log2_exact(blocksize);
+    if (log2_bs < 5 || log2_bs > 12)
+        return qk::fail(QCKPT_E_INVALID, "blocksize must be a power of two in [32, 4096], got %lld", (long long)blocksize);
+    if (!tiled_supported(batch, k) || n_out <= 0) return QCKPT_OK;
+    if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs))
+        *bytes = qk::tma_gemm_zeroed_bytes(batch, n_out, k, scales_expanded != 0);
+    else
+        *bytes = tiled_plan(batch, n_out, k).splits > 1 ? qk::kTiledMaxCounters * 4 : 0;
     return QCKPT_OK;
 }
 

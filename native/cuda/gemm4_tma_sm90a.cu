@@ -16,6 +16,7 @@ namespace {
 using TmaSmall = WgmmaShape<32, 2, 1, 8>;
 using TmaMedium = WgmmaShape<64, 2, 1, 6>;
 using TmaLarge = WgmmaShape<128, 2, 1, 8>;
+static_assert(TmaSmall::BM == TmaLarge::BM && TmaMedium::BM == TmaLarge::BM, "one output tile height: tma_splits");
 
 /* a row of the expand kernel's grid covers JB x kExpandRows blocks of k (JB 4 or 1): this checks JB = 1,
  * the tallest grid, so that launch_expand_scales never refuses a shape this accepts */
@@ -24,10 +25,10 @@ bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kEx
 int tile_rows(int64_t batch) { return batch <= 32 ? TmaSmall::BN : batch <= 64 ? TmaMedium::BN : TmaLarge::BN; }
 
 /* k splits: enough blocks for one per multiprocessor, at most 4 (each split's partial sums are read back by
- * the tile's last block), at most 2 for 128-row tiles (measured: 87 against 94 us at 4096x14336) */
+ * the tile's last block) */
 int tma_splits(int64_t batch, int64_t n_out, int64_t k) {
     const int64_t tiles = ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch));
-    return std::min(tiled_splits(tiles, k / 64, sm_count(), 1), tile_rows(batch) == TmaLarge::BN ? 2 : 4);
+    return std::min(tiled_splits(tiles, k / 64, sm_count(), 1), 4);
 }
 
 /* the expanded scales' row stride: n_out rounded up to 4 floats (TMA wants 16-byte aligned rows) */
@@ -35,9 +36,12 @@ int64_t scale_ld(int64_t n_out) { return (n_out + 3) / 4 * 4; }
 
 /* Where the expanded scales start in the workspace: after the tile counters (which must stay zero for the
  * next call, split or not) and this call's partial sums, at a 128-byte boundary (TMA wants the base of a
- * tensor 16-byte aligned; splits * batch * n_out floats need not be). */
+ * tensor 16-byte aligned). */
 int64_t scales_offset(int splits, int64_t batch, int64_t n_out) {
-    const int64_t end = kTiledMaxCounters * 4 + (splits > 1 ? int64_t(splits) * batch * n_out * 4 : 0);
+    const int rows = tile_rows(batch);
+    const int64_t end = std::max<int64_t>(kTiledMaxCounters * 4,
+                                          split_k_workspace_bytes(splits, ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, rows),
+                                                                  int64_t(TmaLarge::BM) * rows));
     return (end + 127) / 128 * 128;
 }
 
@@ -75,11 +79,16 @@ int64_t tma_gemm_workspace_bytes(int64_t batch, int64_t n_out, int64_t k, bool s
     return scales_given ? splits_bytes : splits_bytes + (k / 32) * scale_ld(n_out) * 4; /* blocksize 32: most blocks */
 }
 
+int64_t tma_gemm_zeroed_bytes(int64_t batch, int64_t n_out, int64_t k, bool scales_given) {
+    return scales_given && tma_splits(batch, n_out, k) > 1 ? kTiledMaxCounters * 4 : 0;
+}
+
 int64_t tma_scales_bytes(int64_t n_out, int64_t k, int log2_bs) { return (k >> log2_bs) * scale_ld(n_out) * 4; }
 
-cudaError_t tma_expand_scales(const Scales &scales, int64_t n_out, int64_t k, int log2_bs, float *out, cudaStream_t s) {
+cudaError_t tma_expand_scales(const Scales &scales, int64_t n_out, int64_t k, int log2_bs, float *out, cudaStream_t s,
+                              int *clear, int clear_count) {
     if (grid_too_tall(k >> log2_bs)) return cudaErrorInvalidValue;
-    return launch_expand_scales(scales, n_out, k, log2_bs, scale_ld(n_out), out, s);
+    return launch_expand_scales(scales, n_out, k, log2_bs, scale_ld(n_out), out, s, clear, clear_count);
 }
 
 cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *packed, const Scales &scales,
@@ -89,9 +98,11 @@ cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *
         grid_too_tall(k >> log2_bs))
         return cudaErrorInvalidValue;
     const int splits = tma_splits(batch, n_out, k);
-    if (!expanded) { /* made here, after the counters and this call's partial sums */
+    if (!expanded) { /* made here, after the counters and this call's partial sums; the counters zeroed too */
         float *made = reinterpret_cast<float *>(static_cast<unsigned char *>(workspace) + scales_offset(splits, batch, n_out));
-        const cudaError_t err = tma_expand_scales(scales, n_out, k, log2_bs, made, s);
+        const int tiles = int(ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch)));
+        const cudaError_t err = tma_expand_scales(scales, n_out, k, log2_bs, made, s, static_cast<int *>(workspace),
+                                                  splits > 1 ? tiles : 0);
         if (err != cudaSuccess) return err;
         expanded = made;
     }
@@ -108,8 +119,9 @@ cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *
 namespace qk {
 bool tma_gemm_supported(int64_t, int64_t, int) { return false; }
 int64_t tma_gemm_workspace_bytes(int64_t, int64_t, int64_t, bool) { return 0; }
+int64_t tma_gemm_zeroed_bytes(int64_t, int64_t, int64_t, bool) { return 0; }
 int64_t tma_scales_bytes(int64_t, int64_t, int) { return 0; }
-cudaError_t tma_expand_scales(const Scales &, int64_t, int64_t, int, float *, cudaStream_t) {
+cudaError_t tma_expand_scales(const Scales &, int64_t, int64_t, int, float *, cudaStream_t, int *, int) {
     return cudaErrorNotSupported;
 }
 cudaError_t tma_gemm_launch(const void *, bool, int, const uint8_t *, const Scales &, const float *, int64_t, int64_t,

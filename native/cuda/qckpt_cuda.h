@@ -94,9 +94,9 @@ qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *sc
  * (code values rounded to `dtype` times the scale, rounded; for bfloat16 a bfloat16 scale). Products on the tensor
  * cores with float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs k % 32 == 0
  * and n_out * k < 2^36) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0), which may split k and
- * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes; its counters must be zero before
- * first use and every call leaves them zero, so one zero-filled workspace serves all later calls issued on one
- * stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs outside that (callers fall
+ * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes, of which the first
+ * qckpt_cuda_gemm_4bit_workspace_zeroed -- the split-K tile counters -- must be zero on entry; every call
+ * leaves them zero, so one zero-filled workspace serves all later calls issued on one stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs outside that (callers fall
  * back to dequantize + GEMM). On compute capability 9.0 the prefill rows run a Hopper kernel that reads the block
  * scales as one float32 per block: `expanded_scales` (from qckpt_cuda_gemm_4bit_expand_scales, kept with the
  * weight) saves re-making them in the workspace on every call; NULL makes them there. */
@@ -106,6 +106,13 @@ enum { QCKPT_CUDA_GEMM_MAX_ROWS = 128 };
  * scales_expanded != 0: the calls will pass expanded_scales (no room to make them is needed). */
 qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int32_t scales_expanded,
                                             int64_t *bytes);
+
+/* Leading bytes of that workspace a call of these shapes needs zero on entry: 0 when it does not split k, or
+ * when it zeroes them itself (compute capability 9.0 without expanded_scales: the kernel that makes them in the
+ * workspace clears the counters too); else the tile counters. For a fresh workspace per call, as inside
+ * CUDA-graph capture, zeroing just these bytes is enough. */
+qckpt_status qckpt_cuda_gemm_4bit_workspace_zeroed(int64_t batch, int64_t n_out, int64_t k, int64_t blocksize,
+                                                   int32_t scales_expanded, int64_t *bytes);
 
 qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64_t batch, const uint8_t *packed,
                                   const qckpt_cuda_scales *scales, int64_t n_out, int64_t k, int64_t blocksize,

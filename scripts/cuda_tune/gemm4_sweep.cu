@@ -7,7 +7,7 @@
  *        scripts/cuda_tune/gemm4_sweep.cu native/cuda/error.cu -o /tmp/gemm4_sweep && /tmp/gemm4_sweep [--quick]
  *
  * (sm_90a for the wgmma experiments, gemm4_wgmma.cuh and gemm4_tma.cuh; modes: --decode, --wide, --wgmma, --tma,
- * --expand, --lut, --profile, --quick)
+ * --b128, --expand, --lut, --profile, --profile-tma, --quick)
  *
  * Weights: NF4 with double-quantized scales (blocksize 64, nested 256), random bytes, rotated over 8
  * copies so L2 (50 MB) cannot serve them. Times: median over 7 repetitions of 24 back-to-back launches
@@ -276,6 +276,21 @@ int main(int argc, char **argv) {
         free_problem(p);
         return 0;
     }
+    /* --profile-tma: the library's batch-128 TMA launch on 14336x4096 (unsplit) and 4096x14336 split 1, 2 and
+     * 4 ways, for a profiler */
+    if (argc > 1 && !strcmp(argv[1], "--profile-tma")) {
+        const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}};
+        for_each_problem(shapes, [&](Problem &p) {
+            for (int splits : {1, 2, 4}) {
+                if (p.n_out > p.k && splits > 1) continue;
+                CK((launch_gemm_4bit_tma<bf16, WgmmaShape<128, 2, 1, 8>, kLutLane, 1>(
+                    p.x, 128, p.packed[splits], p.expanded[splits], p.n_out, p.scales(splits), p.n_out, p.k, 6,
+                    QCKPT_NF4, p.y, splits, p.workspace, 0)));
+            }
+            CK(cudaDeviceSynchronize());
+        });
+        return 0;
+    }
     cudaDeviceProp prop;
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
@@ -330,6 +345,14 @@ int main(int argc, char **argv) {
             }, kRotate);
             printf("expand %5lldx%-5lld %8.2f us %7.1f GB/s\n", (long long)p.n_out, (long long)p.k, us,
                    (p.n_out * p.k / kBS * 5.0) / us / 1e3);
+        });
+        return 0;
+    }
+    /* --b128: the Hopper prefill kernel's tiles of 128 and 256 output rows at 128 batch rows */
+    if (argc > 1 && !strcmp(argv[1], "--b128")) {
+        for_each_problem(shapes, [&](Problem &p) {
+            sweep_tma<WgmmaShape<128, 2, 1, 8>, kLutLane, 1>(p, 128, sms);
+            sweep_tma<WgmmaShape<64, 2, 1, 8>, kLutLane, 1>(p, 128, sms);
         });
         return 0;
     }

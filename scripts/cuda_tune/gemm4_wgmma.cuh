@@ -255,14 +255,14 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
         m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
         return n < n_out && m < batch;
     };
-    finish_split_k<T>(reinterpret_cast<const float(&)[MT * BN / 2]>(acc), at, y, partials, counters, is_last, batch,
-                      n_out);
+    float(&flat)[MT * BN / 2] = reinterpret_cast<float(&)[MT * BN / 2]>(acc);
+    if (reduce_split_k(flat, threadIdx.x, Shape::kThreads, partials, counters, is_last)) store_outputs(flat, at, y, n_out);
 #else
     __trap(); /* not built for sm_90a (run_sweep.sh builds sm_90a on an H100) */
 #endif
 }
 
-/* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
+/* Launch one instantiation on `s`; workspace as split_k_workspace_bytes() (NULL when splits == 1). */
 template <typename T, typename Shape, int LUT, int MINB>
 cudaError_t launch_gemm_4bit_wgmma(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                    int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace, cudaStream_t s) {

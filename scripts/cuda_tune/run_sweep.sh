@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and run the 4-bit matmul tuning harness (gemm4_sweep.cu) for the GPU in this machine; the table
-# goes to $OUT/gemm4_sweep.txt (./out elsewhere). Usage: bash scripts/cuda_tune/run_sweep.sh [--quick | --decode | --wgmma | --tma | --tma-quick | --expand | --lut | --profile]
+# goes to $OUT/gemm4_sweep.txt (./out elsewhere). Usage: bash scripts/cuda_tune/run_sweep.sh [--quick | --decode | --wide | --wide-b1 | --wgmma | --tma | --tma-quick | --b128 | --expand | --lut | --profile | --profile-tma]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-out}"

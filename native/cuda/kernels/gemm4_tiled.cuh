@@ -124,56 +124,70 @@ __device__ __forceinline__ void tiled_compute(const unsigned char *stage, const 
     }
 }
 
-/* The end of a block that may split k. One split: y directly. Several: this split's float32 partial sums go
- * to the workspace; the last split of the tile to arrive (a counter per tile) adds them in split order --
- * deterministic -- writes y and resets the counter, so the counters stay zero between calls. acc: the
- * thread's accumulators, flattened; at(i, n, m) sets output row n and batch row m of acc[i] and says whether
- * it lies inside (n_out, batch). is_last is a __shared__ flag. The last block loads a split's partials for 16
- * outputs at a time before adding the next split's, so that the loads overlap instead of each waiting for
- * the one before. */
-template <typename T, int COUNT, typename At>
-__device__ __forceinline__ void finish_split_k(const float (&acc)[COUNT], const At &at, T *__restrict__ y,
-                                               float *__restrict__ partials, int *__restrict__ counters, int &is_last,
-                                               int batch, int64_t n_out) {
-    const int splits = gridDim.z, split = blockIdx.z;
-    int64_t n, m;
-    if (splits == 1) {
+/* The end of a block that may split k, before its outputs are written. One split: true at once. Several:
+ * consumer thread `thread` (of `threads`; a thread without accumulators passes -1) stores its float32
+ * partial sums to the workspace; the last split of the tile to arrive (a counter per tile) loads every
+ * split's, adds them in split order -- deterministic, the same sums whichever block comes last -- into acc,
+ * resets the counter (so that the counters stay zero between calls) and returns true; the others return
+ * false. Every thread of the block calls this (it has barriers); is_last is a __shared__ flag.
+ *
+ * Layout (split_k_workspace_bytes): split s, tile `tile` of the grid's tiles, has COUNT x threads floats in
+ * which accumulators 4j..4j + 3 of a thread are one float4 at index j * threads + thread, so that every
+ * store and load of a warp is one coalesced 512-byte access. The last block issues all COUNT / 4 loads of
+ * a split before adding them: a version that loaded each output's partials one after another, as the output
+ * coordinates came, spent up to 57 us there at 4 splits (128 blocks of 4096x14336), more than the k-loop. */
+template <int COUNT>
+__device__ __forceinline__ bool reduce_split_k(float (&acc)[COUNT], int thread, int threads,
+                                               float *__restrict__ partials, int *__restrict__ counters,
+                                               int &is_last) {
+    static_assert(COUNT % 4 == 0, "whole float4s");
+    const int splits = gridDim.z;
+    if (splits == 1) return true;
+    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+    const int64_t tile_floats = int64_t(COUNT) * threads, split_floats = int64_t(gridDim.x) * gridDim.y * tile_floats;
+    float4 *const first = reinterpret_cast<float4 *>(partials + tile * tile_floats) + thread;
+    if (thread >= 0) {
+        float4 *own = first + blockIdx.z * (split_floats / 4);
 #pragma unroll
-        for (int i = 0; i < COUNT; i++)
-            if (at(i, n, m)) y[m * n_out + n] = from_f32<T>(acc[i]);
-        return;
+        for (int j = 0; j < COUNT / 4; j++)
+            __stcg(own + j * threads, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
     }
-    float *own = partials + int64_t(split) * batch * n_out;
-#pragma unroll
-    for (int i = 0; i < COUNT; i++)
-        if (at(i, n, m)) __stcg(own + m * n_out + n, acc[i]);
     __threadfence();
     __syncthreads();
-    const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     if (threadIdx.x == 0) is_last = atomicAdd(counters + tile, 1) == splits - 1;
     __syncthreads();
-    if (!is_last) return;
+    if (!is_last) return false;
     __threadfence();
-    /* kChunk outputs at a time: their loads of one split overlap, and the sums stay in few registers */
-    constexpr int kChunk = COUNT < 16 ? COUNT : 16;
-    static_assert(COUNT % kChunk == 0, "whole chunks");
+    if (thread >= 0) {
 #pragma unroll
-    for (int c0 = 0; c0 < COUNT; c0 += kChunk) {
-        float sum[kChunk];
-#pragma unroll
-        for (int i = 0; i < kChunk; i++) sum[i] = 0.0f;
+        for (int i = 0; i < COUNT; i++) acc[i] = 0.0f;
         for (int s = 0; s < splits; s++) {
-            const float *part = partials + int64_t(s) * batch * n_out;
+            const float4 *part = first + s * (split_floats / 4);
+            float4 v[COUNT / 4];
 #pragma unroll
-            for (int i = 0; i < kChunk; i++)
-                if (at(c0 + i, n, m))
-                    sum[i] = __fadd_rn(sum[i], s == split ? acc[c0 + i] : __ldcg(part + m * n_out + n));
+            for (int j = 0; j < COUNT / 4; j++) v[j] = __ldcg(part + j * threads);
+#pragma unroll
+            for (int j = 0; j < COUNT / 4; j++) {
+                acc[4 * j] = __fadd_rn(acc[4 * j], v[j].x);
+                acc[4 * j + 1] = __fadd_rn(acc[4 * j + 1], v[j].y);
+                acc[4 * j + 2] = __fadd_rn(acc[4 * j + 2], v[j].z);
+                acc[4 * j + 3] = __fadd_rn(acc[4 * j + 3], v[j].w);
+            }
         }
-#pragma unroll
-        for (int i = 0; i < kChunk; i++)
-            if (at(c0 + i, n, m)) y[m * n_out + n] = from_f32<T>(sum[i]);
     }
     if (threadIdx.x == 0) counters[tile] = 0;
+    return true;
+}
+
+/* y at the outputs of acc that lie inside: at(i, n, m) sets output row n and batch row m of acc[i] and says
+ * whether it lies inside (n_out, batch). */
+template <typename T, int COUNT, typename At>
+__device__ __forceinline__ void store_outputs(const float (&acc)[COUNT], const At &at, T *__restrict__ y,
+                                              int64_t n_out) {
+    int64_t n, m;
+#pragma unroll
+    for (int i = 0; i < COUNT; i++)
+        if (at(i, n, m)) y[m * n_out + n] = from_f32<T>(acc[i]);
 }
 
 /* grid: (n tiles, m tiles, splits). counters: one per (n, m) tile, zero on entry and left zero; partials:
@@ -244,8 +258,8 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
         m = m0 + (wm * MT + mt) * 8 + 2 * t + (q & 1);
         return n < n_out && m < batch;
     };
-    finish_split_k<T>(reinterpret_cast<const float(&)[NT16 * MT * 4]>(acc), at, y, partials, counters, is_last, batch,
-                      n_out);
+    float(&flat)[NT16 * MT * 4] = reinterpret_cast<float(&)[NT16 * MT * 4]>(acc);
+    if (reduce_split_k(flat, threadIdx.x, Shape::kThreads, partials, counters, is_last)) store_outputs(flat, at, y, n_out);
 }
 
 /* The workspace starts with kTiledMaxCounters tile counters (a fixed region, so that calls of any shape
@@ -262,13 +276,14 @@ inline int tiled_splits(int64_t tiles, int64_t ktiles, int sms, int blocks_per_s
     return int(std::max<int64_t>(s, 1));
 }
 
-/* Workspace bytes of a launch that splits k `splits` ways (0 when it does not). */
-inline int64_t tiled_workspace_bytes(int splits, int batch, int64_t n_out) {
-    return splits > 1 ? kTiledMaxCounters * 4 + int64_t(splits) * batch * n_out * 4 : 0;
+/* Workspace bytes of a launch that splits k `splits` ways (0 when it does not) over `tiles` tiles of
+ * `tile_outputs` outputs each: the counters, then each split's partial sums of every tile (reduce_split_k). */
+inline int64_t split_k_workspace_bytes(int splits, int64_t tiles, int64_t tile_outputs) {
+    return splits > 1 ? kTiledMaxCounters * 4 + int64_t(splits) * tiles * tile_outputs * 4 : 0;
 }
 
 /* Launch `kernel` on a (n_tiles, m_tiles, splits) grid whose last two arguments are the split-k partial sums
- * and tile counters carved from `workspace` (tiled_workspace_bytes(); NULL when splits == 1). Dynamic +
+ * and tile counters carved from `workspace` (split_k_workspace_bytes(); NULL when splits == 1). Dynamic +
  * static shared memory above 48 KiB needs the opt-in, which is per device: it is set each time. */
 template <typename Kernel, typename... Args>
 cudaError_t launch_split_k(Kernel kernel, int64_t n_tiles, int64_t m_tiles, int splits, int threads, int smem_bytes,
@@ -282,7 +297,14 @@ cudaError_t launch_split_k(Kernel kernel, int64_t n_tiles, int64_t m_tiles, int 
     return cudaGetLastError();
 }
 
-/* Launch one instantiation on `s`; workspace as tiled_workspace_bytes() (NULL when splits == 1). */
+/* The workspace bytes of launch_gemm_4bit_tiled<.., Shape, ..>. */
+template <typename Shape>
+inline int64_t tiled_workspace_bytes(int splits, int64_t batch, int64_t n_out) {
+    return split_k_workspace_bytes(splits, ceil_div(n_out, Shape::BN) * ceil_div(batch, Shape::BM),
+                                   int64_t(Shape::BN) * Shape::BM);
+}
+
+/* Launch one instantiation on `s`; workspace as tiled_workspace_bytes<Shape>() (NULL when splits == 1). */
 template <typename T, typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 cudaError_t launch_gemm_4bit_tiled(const T *x, int batch, const uint8_t *packed, const Scales &sc, int64_t n_out,
                                    int64_t k, int log2_bs, int qt, T *y, int splits, void *workspace,

@@ -20,7 +20,9 @@
  * fragments in registers -- the same values as every other 4-bit kernel here. Consumers are WG warpgroups of
  * MT x 64 output rows: during k-tile it a warpgroup issues its wgmmas, waits for k-tile it - 1's
  * (wait_group 1), releases that stage, waits for k-tile it + 1's stage and dequantizes it while k-tile it's
- * wgmmas run. Split k and the deterministic finish are gemm4_tiled.cuh's. */
+ * wgmmas run. The producer issues the first STAGES k-tiles before the block builds its lookup tables, so the
+ * two overlap. Split k and its deterministic sum are gemm4_tiled.cuh's (reduce_split_k); the outputs leave
+ * through shared memory as 16-byte row pieces (store_tile). */
 #ifndef QCKPT_CUDA_GEMM4_TMA_CUH
 #define QCKPT_CUDA_GEMM4_TMA_CUH
 
@@ -84,7 +86,9 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(const void *smem) {
 constexpr int kExpandRows = 8;
 template <int JB>
 __global__ void expand_scales_kernel(Scales scales, int64_t n_out, int64_t k, int log2_bs, int64_t ld,
-                                     float *__restrict__ out) {
+                                     float *__restrict__ out, int *__restrict__ clear, int clear_count) {
+    if (blockIdx.x == 0 && blockIdx.y == 0)
+        for (int i = threadIdx.y * 32 + threadIdx.x; i < clear_count; i += 32 * kExpandRows) clear[i] = 0;
     const int64_t n = int64_t(blockIdx.x) * 32 + threadIdx.x;
     const int64_t kb0 = (int64_t(blockIdx.y) * kExpandRows + threadIdx.y) * JB, per_row = k >> log2_bs;
     if (n >= n_out || kb0 >= per_row) return;
@@ -99,17 +103,56 @@ __global__ void expand_scales_kernel(Scales scales, int64_t n_out, int64_t k, in
 }
 
 /* Launch the expansion of one weight's scales into `out` (row stride ld) on `s`; JB 4 when the blocks of a
- * row come in fours. */
+ * row come in fours. Its first block also zeroes clear[0, clear_count): the split-K tile counters of the
+ * matmul that follows, when the call made the scales in a workspace that nothing zero-filled (inside
+ * CUDA-graph capture every call gets a fresh one, and a separate fill of it cost more than the expansion). */
 inline cudaError_t launch_expand_scales(const Scales &scales, int64_t n_out, int64_t k, int log2_bs, int64_t ld,
-                                        float *out, cudaStream_t s) {
+                                        float *out, cudaStream_t s, int *clear = nullptr, int clear_count = 0) {
     const int64_t per_row = k >> log2_bs;
     const int jb = per_row % 4 == 0 ? 4 : 1;
     const int64_t grid_y = ceil_div(per_row / jb, kExpandRows);
     if (grid_y > 65535) return cudaErrorInvalidValue;
     const dim3 grid((unsigned)ceil_div(n_out, 32), (unsigned)grid_y), block(32, kExpandRows);
-    if (jb == 4) expand_scales_kernel<4><<<grid, block, 0, s>>>(scales, n_out, k, log2_bs, ld, out);
-    else expand_scales_kernel<1><<<grid, block, 0, s>>>(scales, n_out, k, log2_bs, ld, out);
+    if (jb == 4) expand_scales_kernel<4><<<grid, block, 0, s>>>(scales, n_out, k, log2_bs, ld, out, clear, clear_count);
+    else expand_scales_kernel<1><<<grid, block, 0, s>>>(scales, n_out, k, log2_bs, ld, out, clear, clear_count);
     return cudaGetLastError();
+}
+
+/* Write a block's outputs to y through shared memory: consumer accumulator e = mt * BN / 2 + i of lane
+ * (lrow0, t) is output row lrow0 + 64 mt (+ 8 for i % 4 >= 2), batch row 8 * (i / 4) + 2t + i % 2 of the
+ * tile; the values go to a [BN][BM + 8] tile of T in the ring (free once every warpgroup has retired its
+ * wgmmas, hence the barrier first; the 8 spare columns spread a warp's stores over the banks), then every
+ * thread of the block copies whole 16-byte pieces of output rows to y. Written directly, each lane stored
+ * 2-byte values 8 rows apart: 2.5 us of a 38 us block at 128 x 128 outputs. Every thread calls this. */
+template <typename T, typename Shape>
+__device__ __forceinline__ void store_tile(const float (&acc)[Shape::MT * Shape::BN / 2], unsigned char *smem,
+                                           bool producer, int lrow0, int t, T *__restrict__ y, int64_t n_block,
+                                           int64_t m0, int batch, int64_t n_out) {
+    constexpr int BM = Shape::BM, BN = Shape::BN, kPitch = BM + 8, kPieces = BM / 8;
+    static_assert(Shape::kSmemBytes >= BN * kPitch * int(sizeof(T)), "the ring holds the output tile");
+    T *tile = reinterpret_cast<T *>(smem);
+    __syncthreads();
+    if (!producer) {
+#pragma unroll
+        for (int e = 0; e < Shape::MT * BN / 2; e++) {
+            const int mt = e / (BN / 2), i = e % (BN / 2);
+            const int n = lrow0 + 64 * mt + ((i & 2) ? 8 : 0), m = 8 * (i >> 2) + 2 * t + (i & 1);
+            tile[m * kPitch + n] = from_f32<T>(acc[e]);
+        }
+    }
+    __syncthreads();
+    const bool whole = n_out % 8 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0;
+    for (int piece = threadIdx.x; piece < BN * kPieces; piece += blockDim.x) {
+        const int m = piece / kPieces, n = (piece % kPieces) * 8;
+        if (m0 + m >= batch) break; /* pieces go row by row: the later ones lie further out */
+        const T *src = tile + m * kPitch + n;
+        T *dst = y + (m0 + m) * n_out + n_block + n;
+        if (whole && n_block + n + 8 <= n_out) {
+            *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+        } else {
+            for (int c = 0; c < 8 && n_block + n + c < n_out; c++) dst[c] = src[c];
+        }
+    }
 }
 
 /* grid: (n tiles of BM, batch tiles of BN, splits); counters and partials as gemm_4bit_tiled_kernel; block:
@@ -145,36 +188,42 @@ __global__ void __launch_bounds__(Shape::kThreads + 32, MINB)
     const int64_t n_block = blk.n_block, m0 = blk.m0, kt0 = blk.kt0;
     const auto stage_of = [&](int it) { return smem + (it % STAGES) * Shape::kStageBytes; };
 
-    if (threadIdx.x == 0) {
+    /* k-tile it goes to stage it % STAGES once the consumers released k-tile it - STAGES there: its x, its
+     * packed weights and the rows of expanded scales it covers, three TMA copies issued by the producer's
+     * lane 0, which expects their bytes on full[stage] */
+    const int s_rows = Shape::BK >= (1 << log2_bs) ? Shape::BK >> log2_bs : 1;
+    const uint32_t stage_bytes = Shape::kXBytes + Shape::kWBytes + uint32_t(s_rows) * Shape::BM * 4;
+    const auto issue = [&](int it) {
+        unsigned char *stage = stage_of(it);
+        uint64_t *bar = full + it % STAGES;
+        const int64_t kt = kt0 + it;
+        mbar_arrive_expect_tx(bar, stage_bytes);
+#pragma unroll
+        for (int b = 0; b < kXBoxes; b++)
+            tma_load_2d(stage + b * kXBoxBytes, &x_map, int(kt * Shape::BK + 64 * b), int(m0), bar);
+        tma_load_2d(stage + Shape::kXBytes, &w_map, int(kt * (Shape::BK / 2)), int(n_block), bar);
+        tma_load_2d(stage + Shape::kXBytes + Shape::kWBytes, &s_map, int(n_block), int((kt * Shape::BK) >> log2_bs),
+                    bar);
+    };
+    /* That lane readies the barriers and fills the ring before the block builds its tables (~1 us), which
+     * then overlap the first copies; the tables' barrier publishes the barriers to the consumers. */
+    const bool issuer = producer && lane == 0;
+    if (issuer) {
         for (int s = 0; s < STAGES; s++) {
-            mbar_init(full + s, 1);              /* the producer's lane 0, which also expects the bytes */
+            mbar_init(full + s, 1);
             mbar_init(empty + s, kConsumerWarps); /* one arrival per consumer warp */
         }
-#if QK_HAS_WGMMA
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
+        for (int it = 0; it < nk && it < STAGES; it++) issue(it);
     }
     const Lut4 tab = gemm_tables<T, LUT>(pairs, lane_pairs, code, scales, quant_type); /* syncs the block */
 
     float acc[MT][BN / 2] = {};
     if (producer) {
-        /* k-tile it goes to stage it % STAGES once the consumers released k-tile it - STAGES there: its x,
-         * its packed weights and the rows of expanded scales it covers, three TMA copies */
-        const int s_rows = Shape::BK >= (1 << log2_bs) ? Shape::BK >> log2_bs : 1;
-        const uint32_t bytes = Shape::kXBytes + Shape::kWBytes + uint32_t(s_rows) * Shape::BM * 4;
-        if (lane == 0)
-            for (int it = 0; it < nk; it++) {
-                const int slot = it % STAGES;
-                if (it >= STAGES) mbar_wait(empty + slot, ((it / STAGES) + 1) & 1);
-                unsigned char *stage = smem + slot * Shape::kStageBytes;
-                const int64_t kt = kt0 + it;
-                mbar_arrive_expect_tx(full + slot, bytes);
-#pragma unroll
-                for (int b = 0; b < kXBoxes; b++)
-                    tma_load_2d(stage + b * kXBoxBytes, &x_map, int(kt * Shape::BK + 64 * b), int(m0), full + slot);
-                tma_load_2d(stage + Shape::kXBytes, &w_map, int(kt * (Shape::BK / 2)), int(n_block), full + slot);
-                tma_load_2d(stage + Shape::kXBytes + Shape::kWBytes, &s_map, int(n_block),
-                            int((kt * Shape::BK) >> log2_bs), full + slot);
+        if (issuer)
+            for (int it = STAGES; it < nk; it++) {
+                mbar_wait(empty + it % STAGES, ((it / STAGES) + 1) & 1);
+                issue(it);
             }
     } else {
         uint32_t a[2][MT][Shape::kSteps][4] = {};
@@ -213,16 +262,9 @@ __global__ void __launch_bounds__(Shape::kThreads + 32, MINB)
         wgmma_retire(a, acc);
     }
 
-    /* accumulator i of sub-tile mt (flattened: mt * BN / 2 + i): output row lrow0 + 64 mt (+ 8 for i % 4 >= 2),
-     * batch row 8 * (i / 4) + 2t + i % 2; the producer warp has none */
-    const auto at = [&](int e, int64_t &n, int64_t &m) {
-        const int mt = e / (BN / 2), i = e % (BN / 2);
-        n = n_block + lrow0 + 64 * mt + ((i & 2) ? 8 : 0);
-        m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
-        return !producer && n < n_out && m < batch;
-    };
-    finish_split_k<T>(reinterpret_cast<const float(&)[MT * BN / 2]>(acc), at, y, partials, counters, is_last, batch,
-                      n_out);
+    float(&flat)[MT * BN / 2] = reinterpret_cast<float(&)[MT * BN / 2]>(acc);
+    if (reduce_split_k(flat, producer ? -1 : int(threadIdx.x), Shape::kThreads, partials, counters, is_last))
+        store_tile<T, Shape>(flat, smem, producer, lrow0, t, y, n_block, m0, batch, n_out);
 #else
     __trap(); /* not built for sm_90a: the launcher only runs this kernel on compute capability 9.0 */
 #endif
@@ -268,7 +310,7 @@ inline bool make_tma_maps(CUtensorMap *x_map, CUtensorMap *w_map, CUtensorMap *s
 }
 
 /* Launch one instantiation on `s`; expanded: expand_scales_kernel's output for these weights (row stride
- * ld); workspace as tiled_workspace_bytes() (NULL when splits == 1). */
+ * ld); workspace as split_k_workspace_bytes() (NULL when splits == 1). */
 template <typename T, typename Shape, int LUT, int MINB>
 cudaError_t launch_gemm_4bit_tma(const T *x, int batch, const uint8_t *packed, const float *expanded, int64_t ld,
                                  const Scales &sc, int64_t n_out, int64_t k, int log2_bs, int qt, T *y, int splits,
