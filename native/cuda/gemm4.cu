@@ -92,6 +92,13 @@ bool tiled_supported(int64_t batch, int64_t k) {
     return batch > 16 && batch <= QCKPT_CUDA_GEMM_MAX_ROWS && k % qk::kTiledBK == 0;
 }
 
+/* Whether a prefill call takes the Hopper kernel: compute capability 9.0, shapes it takes, and room for it in
+ * the workspace (else the tiled kernel runs). */
+bool takes_hopper(int64_t batch, int64_t n_out, int64_t k, int log2_bs, int64_t workspace_bytes, bool scales_given) {
+    return qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs) &&
+           workspace_bytes >= qk::tma_gemm_workspace_bytes(batch, n_out, k, scales_given);
+}
+
 }  // namespace
 
 /* The Hopper kernel's workspace is an upper bound over blocksizes (the query does not know it). */
@@ -115,10 +122,15 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit_workspace_zeroed(int64_t batch, int
     if (log2_bs < 5 || log2_bs > 12)
         return qk::fail(QCKPT_E_INVALID, "blocksize must be a power of two in [32, 4096], got %lld", (long long)blocksize);
     if (!tiled_supported(batch, k) || n_out <= 0) return QCKPT_OK;
-    if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs))
-        *bytes = qk::tma_gemm_zeroed_bytes(batch, n_out, k, scales_expanded != 0);
-    else
-        *bytes = tiled_plan(batch, n_out, k).splits > 1 ? qk::kTiledMaxCounters * 4 : 0;
+    int64_t size = 0;
+    qckpt_cuda_gemm_4bit_workspace(batch, n_out, k, scales_expanded, &size);
+    const bool given = scales_expanded != 0;
+    const int64_t hopper = qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs)
+        ? qk::tma_gemm_zeroed_bytes(batch, n_out, k, given) : 0;
+    const int64_t tiled = tiled_plan(batch, n_out, k).splits > 1 ? qk::kTiledMaxCounters * 4 : 0;
+    /* a workspace of the queried size may leave the Hopper kernel no room (a blocksize above 32 where 32
+     * would not fit it); a larger one may give it room again: then either kernel's counters */
+    *bytes = takes_hopper(batch, n_out, k, log2_bs, size, given) ? hopper : std::max(hopper, tiled);
     return QCKPT_OK;
 }
 
@@ -154,8 +166,9 @@ extern "C" qckpt_status qckpt_cuda_gemm_4bit(const void *x, int32_t dtype, int64
         return qk::fail(QCKPT_E_UNSUPPORTED, "fused 4-bit matmul takes 1..16 rows with k %% 32 == 0 (and n_out * k < "
                         "2^36) or 17..%d rows with k %% 64 == 0, got %lld rows, %lld x %lld", QCKPT_CUDA_GEMM_MAX_ROWS,
                         (long long)batch, (long long)n_out, (long long)k);
-    if (qk::is_sm90() && qk::tma_gemm_supported(batch, k, log2_bs) && workspace &&
-        workspace_bytes >= qk::tma_gemm_workspace_bytes(batch, n_out, k, expanded_scales != nullptr)) {
+    if (workspace && !qk::aligned(workspace, 16))
+        return qk::fail(QCKPT_E_INVALID, "the fused 4-bit matmul's workspace must be 16-byte aligned");
+    if (workspace && takes_hopper(batch, n_out, k, log2_bs, workspace_bytes, expanded_scales != nullptr)) {
         if (expanded_scales && !qk::aligned(expanded_scales, 16))
             return qk::fail(QCKPT_E_INVALID, "expanded scales must be 16-byte aligned");
         const cudaError_t err = qk::tma_gemm_launch(x, dtype == QCKPT_BF16, (int)batch, packed, sc, expanded_scales,

@@ -94,7 +94,7 @@ qckpt_status qckpt_cuda_dequantize_int8_rowwise(const int8_t *q, const float *sc
  * (code values rounded to `dtype` times the scale, rounded; for bfloat16 a bfloat16 scale). Products on the tensor
  * cores with float32 accumulation; results are deterministic. Two kernels: 1..16 rows (decode; needs k % 32 == 0
  * and n_out * k < 2^36) and 17..QCKPT_CUDA_GEMM_MAX_ROWS rows (prefill; needs k % 64 == 0), which may split k and
- * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes, of which the first
+ * add the partial sums in `workspace` (qckpt_cuda_gemm_4bit_workspace bytes, 16-byte aligned, of which the first
  * qckpt_cuda_gemm_4bit_workspace_zeroed -- the split-K tile counters -- must be zero on entry; every call
  * leaves them zero, so one zero-filled workspace serves all later calls issued on one stream). x and packed must be 16-byte aligned. Returns QCKPT_E_UNSUPPORTED for inputs outside that (callers fall
  * back to dequantize + GEMM). On compute capability 9.0 the prefill rows run a Hopper kernel that reads the block
@@ -107,10 +107,10 @@ enum { QCKPT_CUDA_GEMM_MAX_ROWS = 128 };
 qckpt_status qckpt_cuda_gemm_4bit_workspace(int64_t batch, int64_t n_out, int64_t k, int32_t scales_expanded,
                                             int64_t *bytes);
 
-/* Leading bytes of that workspace a call of these shapes needs zero on entry: 0 when it does not split k, or
- * when it zeroes them itself (compute capability 9.0 without expanded_scales: the kernel that makes them in the
- * workspace clears the counters too); else the tile counters. For a fresh workspace per call, as inside
- * CUDA-graph capture, zeroing just these bytes is enough. */
+/* Leading bytes of a workspace of at least qckpt_cuda_gemm_4bit_workspace bytes that a call of these shapes
+ * needs zero on entry: 0 when it does not split k, or when it zeroes them itself (the Hopper kernel without
+ * expanded_scales: the kernel that makes them in the workspace clears the counters too); else the tile
+ * counters. For a fresh workspace per call, as inside CUDA-graph capture, zeroing just these bytes is enough. */
 qckpt_status qckpt_cuda_gemm_4bit_workspace_zeroed(int64_t batch, int64_t n_out, int64_t k, int64_t blocksize,
                                                    int32_t scales_expanded, int64_t *bytes);
 

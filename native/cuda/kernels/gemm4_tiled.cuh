@@ -145,9 +145,8 @@ __device__ __forceinline__ bool reduce_split_k(float (&acc)[COUNT], int thread, 
     if (splits == 1) return true;
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     const int64_t tile_floats = int64_t(COUNT) * threads, split_floats = int64_t(gridDim.x) * gridDim.y * tile_floats;
-    float4 *const first = reinterpret_cast<float4 *>(partials + tile * tile_floats) + thread;
     if (thread >= 0) {
-        float4 *own = first + blockIdx.z * (split_floats / 4);
+        float4 *own = reinterpret_cast<float4 *>(partials + blockIdx.z * split_floats + tile * tile_floats) + thread;
 #pragma unroll
         for (int j = 0; j < COUNT / 4; j++)
             __stcg(own + j * threads, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
@@ -159,6 +158,7 @@ __device__ __forceinline__ bool reduce_split_k(float (&acc)[COUNT], int thread, 
     if (!is_last) return false;
     __threadfence();
     if (thread >= 0) {
+        const float4 *first = reinterpret_cast<const float4 *>(partials + tile * tile_floats) + thread;
 #pragma unroll
         for (int i = 0; i < COUNT; i++) acc[i] = 0.0f;
         for (int s = 0; s < splits; s++) {
@@ -191,7 +191,7 @@ __device__ __forceinline__ void store_outputs(const float (&acc)[COUNT], const A
 }
 
 /* grid: (n tiles, m tiles, splits). counters: one per (n, m) tile, zero on entry and left zero; partials:
- * splits * batch * n_out floats. Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
+ * 16-byte aligned, splits x tiles x BN x BM floats (reduce_split_k). Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
  * aligned base) and 8-byte aligned packed. */
 template <typename T, typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 __global__ void __launch_bounds__(Shape::kThreads, MINB)
