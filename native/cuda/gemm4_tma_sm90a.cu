@@ -24,11 +24,15 @@ bool grid_too_tall(int64_t blocks_per_row) { return ceil_div(blocks_per_row, kEx
 
 int tile_rows(int64_t batch) { return batch <= 32 ? TmaSmall::BN : batch <= 64 ? TmaMedium::BN : TmaLarge::BN; }
 
+/* output tiles of a call: 128 output rows by tile_rows(batch) batch rows */
+int64_t tma_tiles(int64_t batch, int64_t n_out) {
+    return ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch));
+}
+
 /* k splits: enough blocks for one per multiprocessor, at most 4 (each split's partial sums are read back by
  * the tile's last block) */
 int tma_splits(int64_t batch, int64_t n_out, int64_t k) {
-    const int64_t tiles = ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch));
-    return std::min(tiled_splits(tiles, k / 64, sm_count(), 1), 4);
+    return std::min(tiled_splits(tma_tiles(batch, n_out), k / 64, sm_count(), 1), 4);
 }
 
 /* the expanded scales' row stride: n_out rounded up to 4 floats (TMA wants 16-byte aligned rows) */
@@ -38,10 +42,9 @@ int64_t scale_ld(int64_t n_out) { return (n_out + 3) / 4 * 4; }
  * next call, split or not) and this call's partial sums, at a 128-byte boundary (TMA wants the base of a
  * tensor 16-byte aligned). */
 int64_t scales_offset(int splits, int64_t batch, int64_t n_out) {
-    const int rows = tile_rows(batch);
-    const int64_t end = std::max<int64_t>(kTiledMaxCounters * 4,
-                                          split_k_workspace_bytes(splits, ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, rows),
-                                                                  int64_t(TmaLarge::BM) * rows));
+    const int64_t partials =
+        split_k_workspace_bytes(splits, tma_tiles(batch, n_out), int64_t(TmaLarge::BM) * tile_rows(batch));
+    const int64_t end = std::max<int64_t>(kTiledMaxCounters * 4, partials);
     return (end + 127) / 128 * 128;
 }
 
@@ -100,9 +103,8 @@ cudaError_t tma_gemm_launch(const void *x, bool bf16, int batch, const uint8_t *
     const int splits = tma_splits(batch, n_out, k);
     if (!expanded) { /* made here, after the counters and this call's partial sums; the counters zeroed too */
         float *made = reinterpret_cast<float *>(static_cast<unsigned char *>(workspace) + scales_offset(splits, batch, n_out));
-        const int tiles = int(ceil_div(n_out, TmaLarge::BM) * ceil_div(batch, tile_rows(batch)));
         const cudaError_t err = tma_expand_scales(scales, n_out, k, log2_bs, made, s, static_cast<int *>(workspace),
-                                                  splits > 1 ? tiles : 0);
+                                                  splits > 1 ? int(tma_tiles(batch, n_out)) : 0);
         if (err != cudaSuccess) return err;
         expanded = made;
     }

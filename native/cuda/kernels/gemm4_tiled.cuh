@@ -191,8 +191,8 @@ __device__ __forceinline__ void store_outputs(const float (&acc)[COUNT], const A
 }
 
 /* grid: (n tiles, m tiles, splits). counters: one per (n, m) tile, zero on entry and left zero; partials:
- * 16-byte aligned, splits x tiles x BN x BM floats (reduce_split_k). Needs k % 64 == 0 and 16-byte aligned x rows (k even suffices with an
- * aligned base) and 8-byte aligned packed. */
+ * 16-byte aligned, splits x tiles x BN x BM floats (reduce_split_k). Needs k % 64 == 0 and 16-byte aligned
+ * x rows (k even suffices with an aligned base) and 8-byte aligned packed. */
 template <typename T, typename Shape, int DEPTH, int MINB, int LUT = kLutDefault>
 __global__ void __launch_bounds__(Shape::kThreads, MINB)
     gemm_4bit_tiled_kernel(const T *__restrict__ x, int batch, const uint8_t *__restrict__ packed, Scales scales,
@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(Shape::kThreads, MINB)
         return n < n_out && m < batch;
     };
     float(&flat)[NT16 * MT * 4] = reinterpret_cast<float(&)[NT16 * MT * 4]>(acc);
-    if (reduce_split_k(flat, threadIdx.x, Shape::kThreads, partials, counters, is_last)) store_outputs(flat, at, y, n_out);
+    if (reduce_split_k(flat, threadIdx.x, Shape::kThreads, partials, counters, is_last))
+        store_outputs(flat, at, y, n_out);
 }
 
 /* The workspace starts with kTiledMaxCounters tile counters (a fixed region, so that calls of any shape
