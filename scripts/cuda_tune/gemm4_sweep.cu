@@ -251,6 +251,7 @@ static void for_each_problem(const int64_t (&shapes)[2][2], Fn &&fn) {
 }
 
 int main(int argc, char **argv) {
+    const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}}; /* Llama-8B MLP: up / gate and down */
     const bool quick = argc > 1 && !strcmp(argv[1], "--quick");
     /* --profile: one launch each of the batch-1 decode kernel (the library's wide launch, then post-scaled),
      * the batch-128 tiled, wgmma and TMA kernels and the batch-1 TMA kernel, for a profiler */
@@ -279,7 +280,6 @@ int main(int argc, char **argv) {
     /* --profile-tma: the library's batch-128 TMA launch on 14336x4096 (unsplit) and 4096x14336 split 1, 2 and
      * 4 ways, for a profiler */
     if (argc > 1 && !strcmp(argv[1], "--profile-tma")) {
-        const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}};
         for_each_problem(shapes, [&](Problem &p) {
             for (int splits : {1, 2, 4}) {
                 if (p.n_out > p.k && splits > 1) continue;
@@ -295,7 +295,6 @@ int main(int argc, char **argv) {
     CK(cudaGetDeviceProperties(&prop, 0));
     printf("# %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     const int sms = prop.multiProcessorCount;
-    const int64_t shapes[2][2] = {{14336, 4096}, {4096, 14336}};
     /* --wgmma: the sm_90a prefill kernel's batch tile, warpgroups, stages and k splits, beside the tiled
      * mma.sync kernel the library used before */
     if (argc > 1 && !strcmp(argv[1], "--wgmma")) {
